@@ -32,6 +32,19 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # Qwen-7B-Chat's default
+
+
+@dataclass
+class ModelConfig:
+    """The models to build on, and how images reach the LLM. Saved into every checkpoint bundle."""
+
+    llm_path: str  # folder of Qwen-7B-Chat (or Qwen-7B): config.json, *.safetensors, qwen.tiktoken
+    vision_path: str  # folder of openai/clip-vit-large-patch14: config.json, weights, preprocessor_config.json
+    vision_feature_layer: int = -2  # hidden_states index of the CLIP layer whose patch features are used
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+
 @dataclass
 class DataSource:
     """One raw data set: its format, its annotation file and the folder its image paths are relative to."""
@@ -52,6 +65,7 @@ class DataConfig:
     seed: int = 1234  # prompt choice for captions and the validation split
     num_workers: int = 4  # image-decoding processes in process_image.py (0: in the main process)
     feature_cache: str | None = None  # optional folder of precomputed CLIP features (see README)
+    max_length: int = 2048  # tokens per training sample, image placeholders included
 
     def resolved_val_output(self) -> str:
         if self.val_output:
@@ -154,6 +168,19 @@ def resolve_path(value: str | None, base_dir: Path) -> str | None:
     return str(p if p.is_absolute() else (base_dir / p))
 
 
+def load_model_config(config_path: str | Path) -> ModelConfig:
+    """The `model` section of a config file, with its paths resolved."""
+    config_path = Path(config_path)
+    raw = read_yaml(config_path)
+    if "model" not in raw:
+        raise ConfigError(f"{config_path}: no 'model' section")
+    model = build(ModelConfig, raw["model"] or {}, f"{config_path}: model")
+    base = config_path.resolve().parent
+    model.llm_path = resolve_path(model.llm_path, base)
+    model.vision_path = resolve_path(model.vision_path, base)
+    return model
+
+
 def load_data_config(config_path: str | Path) -> DataConfig:
     """The `data` section of a config file, with every path resolved."""
     config_path = Path(config_path)
@@ -175,6 +202,8 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DataSource",
+    "ModelConfig",
+    "load_model_config",
     "build",
     "check_keys",
     "load_data_config",
