@@ -154,6 +154,10 @@ def test_tower_loads_sharded_safetensors_and_ignores_old_position_ids(ckpt, pixe
     sharded = CLIPVisionTower.from_pretrained(folder)
     assert torch.equal(sharded(pixels), CLIPVisionTower.from_pretrained(ckpt)(pixels))
 
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"shard model-00002-of-00002\.safetensors .* is missing"):
+        CLIPVisionTower.from_pretrained(folder)
+
 
 # Keys that transformers 4.16 wrote into every sub-config of openai/clip-vit-* config.json files.
 LEGACY_SUBCONFIG_KEYS = {
