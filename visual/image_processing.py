@@ -1,0 +1,226 @@
+"""CLIP image preprocessing in PIL + numpy: one implementation for training and inference everywhere.
+
+transformers picks a different backend for `CLIPImageProcessor` depending on whether torchvision
+is installed, and the two differ by up to 0.028 per value; this module does the math itself, so the
+pixels a model was trained on are the pixels it sees at inference, on any machine. The steps and
+their rounding follow transformers' PIL backend (`CLIPImageProcessorPil`) exactly:
+
+1. resize so that the shortest edge equals `size` (the long edge is `int(size * long / short)`),
+   on the 8-bit RGB image, with the configured PIL filter (bicubic for CLIP);
+2. centre crop to `crop_size` (top/left offsets floor((dim - crop) / 2); zero padding if smaller);
+3. rescale: uint8 -> float64 * rescale_factor (1/255) -> float32;
+4. normalise in float32: (x - mean) / std;
+5. HWC -> CHW.
+
+`CLIPImagePreprocessor.from_pretrained(dir)` reads `preprocessor_config.json` in the old format of
+openai/clip-vit-large-patch14 (`"size": 224`, `"crop_size": 224`) or the newer one
+(`{"shortest_edge": 224}`, `{"height": 224, "width": 224}`, `do_rescale`, `rescale_factor`,
+`do_convert_rgb`). A key that would change the result in a way not implemented here, or a key we
+do not know, is a ValueError naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from visual.image_io import load_image, to_rgb
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Keys that only describe the file (which class wrote it) and do not affect the pixels.
+METADATA_KEYS = {"feature_extractor_type", "image_processor_type", "processor_class", "image_seq_length"}
+# Keys that are harmless at exactly these values; any other value would change the output.
+NEUTRAL_VALUES = {
+    "default_to_square": (False,),
+    "do_pad": (False, None),
+    "pad_size": (None,),
+    "crop_pct": (None,),
+    "data_format": ("channels_first", None),
+    "input_data_format": (None,),
+    "return_tensors": (None, "pt"),
+    "device": (None,),
+    "disable_grouping": (None, False, True),  # batching detail of the torchvision backend only
+}
+
+
+@dataclass(frozen=True)
+class CLIPImagePreprocessor:
+    """PIL images -> normalised float32 pixel tensors [N, 3, crop_height, crop_width]."""
+
+    size: int = 224  # shortest edge after resizing
+    crop_size: tuple[int, int] = (224, 224)  # (height, width)
+    resample: int = Image.Resampling.BICUBIC.value
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    rescale_factor: float = 1 / 255
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    do_convert_rgb: bool = True
+    _mean: np.ndarray = field(init=False, repr=False, compare=False)
+    _std: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if isinstance(self.crop_size, int):
+            object.__setattr__(self, "crop_size", (self.crop_size, self.crop_size))
+        object.__setattr__(self, "crop_size", tuple(int(v) for v in self.crop_size))
+        object.__setattr__(self, "image_mean", _three_floats(self.image_mean, "image_mean"))
+        object.__setattr__(self, "image_std", _three_floats(self.image_std, "image_std"))
+        if self.size <= 0 or min(self.crop_size) <= 0 or len(self.crop_size) != 2:
+            raise ValueError(f"size {self.size} and crop_size {self.crop_size} must be positive")
+        if self.resample not in {r.value for r in Image.Resampling}:
+            raise ValueError(f"resample {self.resample!r} is not a PIL resampling filter (0..5)")
+        if any(s == 0 for s in self.image_std):
+            raise ValueError(f"image_std {self.image_std} contains 0")
+        # float32, as the reference normalises in the dtype of the rescaled image
+        object.__setattr__(self, "_mean", np.asarray(self.image_mean, dtype=np.float32))
+        object.__setattr__(self, "_std", np.asarray(self.image_std, dtype=np.float32))
+
+    # Construction from a checkpoint folder -------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | os.PathLike) -> CLIPImagePreprocessor:
+        """Read `preprocessor_config.json` of a local checkpoint folder (old or new format)."""
+        path = Path(checkpoint_dir) / PREPROCESSOR_CONFIG
+        if not Path(checkpoint_dir).is_dir():
+            raise FileNotFoundError(f"checkpoint folder {checkpoint_dir} does not exist")
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing (the CLIP checkpoint folder must have {PREPROCESSOR_CONFIG})"
+            )
+        with open(path) as f:
+            try:
+                raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e})") from e
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> CLIPImagePreprocessor:
+        """Interpret a preprocessor config dict; `source` names the file in error messages."""
+        own = {f.name for f in fields(cls) if f.init}
+        kwargs = {}
+        for key, value in raw.items():
+            if key in METADATA_KEYS:
+                continue
+            if key in NEUTRAL_VALUES:
+                if value not in NEUTRAL_VALUES[key]:
+                    raise ValueError(
+                        f"{source}: {key}={value!r} is not supported (only {NEUTRAL_VALUES[key]})"
+                    )
+                continue
+            if key not in own:
+                raise ValueError(
+                    f"{source}: unknown key {key!r}; refusing to guess how it changes the pixels"
+                )
+            if key == "size":
+                value = _shortest_edge(value, source)
+            elif key == "crop_size":
+                value = _height_width(value, source)
+            elif key == "resample" and not (isinstance(value, int) and not isinstance(value, bool)):
+                raise ValueError(f"{source}: resample={value!r} must be a PIL filter number (3 = bicubic)")
+            elif key in ("image_mean", "image_std"):
+                value = _three_floats(value, f"{source}: {key}")
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    # The math ------------------------------------------------------------------------------------------
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after resizing the shortest edge to `size`, rounded like the reference."""
+        if width <= height:
+            return self.size, int(self.size * height / width)
+        return int(self.size * width / height), self.size
+
+    def preprocess_image(self, image: Image.Image) -> np.ndarray:
+        """One PIL image -> float32 array [3, crop_height, crop_width]."""
+        if image.mode != "RGB":
+            if not self.do_convert_rgb:
+                raise ValueError(f"image mode {image.mode} is not RGB and do_convert_rgb is False")
+            image = to_rgb(image)
+        if self.do_resize:
+            image = image.resize(self.resized_size(*image.size), resample=self.resample)
+        pixels = np.asarray(image)  # [H, W, 3] uint8
+        if self.do_center_crop:
+            pixels = _center_crop(pixels, *self.crop_size)
+        if self.do_rescale:
+            values = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        else:
+            values = pixels.astype(np.float32)
+        if self.do_normalize:
+            values = (values - self._mean) / self._std
+        return np.ascontiguousarray(values.transpose(2, 0, 1))  # [3, H, W]
+
+    def __call__(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> float32 tensor [N, 3, H, W] (one image gives N = 1)."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        if len(images) == 0:
+            raise ValueError("no images to preprocess")
+        arrays = [self.preprocess_image(image) for image in images]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"preprocessed images differ in shape {sorted(shapes)}; enable resize and centre crop"
+            )
+        return torch.from_numpy(np.stack(arrays))
+
+    def preprocess_path(self, path: str | os.PathLike) -> torch.Tensor:
+        """Image file -> float32 tensor [3, H, W] (EXIF orientation applied; ImageLoadError on a bad file)."""
+        return torch.from_numpy(self.preprocess_image(load_image(path)))
+
+
+def _center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
+    """[H, W, C] -> [crop_height, crop_width, C]; an image smaller than the crop is zero padded around it."""
+    height, width = pixels.shape[:2]
+    top = (height - crop_height) // 2
+    left = (width - crop_width) // 2
+    if top < 0 or left < 0:
+        padded_height, padded_width = max(height, crop_height), max(width, crop_width)
+        pad_top = math.ceil((padded_height - height) / 2)
+        pad_left = math.ceil((padded_width - width) / 2)
+        padded = np.zeros((padded_height, padded_width, pixels.shape[2]), dtype=pixels.dtype)
+        padded[pad_top : pad_top + height, pad_left : pad_left + width] = pixels
+        pixels, top, left = padded, top + pad_top, left + pad_left
+    return pixels[top : top + crop_height, left : left + crop_width]
+
+
+def _shortest_edge(value, source: str) -> int:
+    """`224` (old format) or `{"shortest_edge": 224}` (new format) -> 224."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, dict):
+        extra = {k: v for k, v in value.items() if k != "shortest_edge" and v is not None}
+        if "shortest_edge" in value and not extra:
+            return int(value["shortest_edge"])
+    raise ValueError(f"{source}: size={value!r} is not supported (only an int or {{'shortest_edge': int}})")
+
+
+def _height_width(value, source: str) -> tuple[int, int]:
+    """`224` (old format) or `{"height": 224, "width": 224}` (new format) -> (224, 224)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, dict) and set(value) == {"height", "width"}:
+        return int(value["height"]), int(value["width"])
+    raise ValueError(f"{source}: crop_size={value!r} is not supported (only an int or {{'height', 'width'}})")
+
+
+def _three_floats(value, name: str) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)):
+        value = [value] * 3
+    value = tuple(float(v) for v in value)
+    if len(value) != 3:
+        raise ValueError(f"{name} must have 3 values (RGB), got {value}")
+    return value

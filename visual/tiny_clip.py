@@ -1,0 +1,194 @@
+"""Write a tiny, random CLIP checkpoint in exactly the openai/clip-vit-large-patch14 folder format.
+
+The folder holds what the real one holds and nothing else: `config.json` of a full `CLIPModel`
+(text and vision towers, projections), `model.safetensors` with the whole state dict under the
+official key names (`vision_model.embeddings.patch_embedding.weight`, `text_model.…`,
+`visual_projection.weight`, `text_projection.weight`, `logit_scale`), and the old-format
+`preprocessor_config.json` (plain integers for `size`/`crop_size`, bicubic, OpenAI mean/std).
+Tests, CI and the CPU demo use it wherever the real 1.7 GB checkpoint would go.
+
+Weights come from our own seeded generator, not from transformers' initialisers, so the same seed
+gives byte-identical files whatever transformers does to its init code. Linear and convolution
+weights are N(0, 1/fan_in) so activations keep unit scale through the layers; LayerNorms start at
+weight 1, bias 0; biases are 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value the official preprocessor_config.json stores
+
+# The text tower exists only so that the folder is a real CLIPModel checkpoint; the project never
+# tokenizes text for CLIP, so its vocabulary is kept small (the official one has 49408 entries).
+TINY_TEXT_VOCAB_SIZE = 1024
+LOGIT_SCALE_INIT = 2.6592  # ln(1 / 0.07), as in the official config
+POSITION_EMBEDDING_STD = 0.02  # CLIP's initializer_range
+
+
+def tiny_clip_config(
+    *,
+    image_size: int,
+    patch_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    projection_dim: int,
+) -> CLIPConfig:
+    """A full CLIPConfig (text + vision) with the official non-size settings (quick_gelu, eps 1e-5)."""
+    text_config = CLIPTextConfig(
+        vocab_size=TINY_TEXT_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        hidden_act="quick_gelu",
+        # The official openai/clip-* configs carry these ids (transformers' defaults differ).
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=projection_dim,
+        hidden_act="quick_gelu",
+    )
+    config = CLIPConfig(
+        text_config=text_config.to_dict(),
+        vision_config=vision_config.to_dict(),
+        projection_dim=projection_dim,
+        logit_scale_init_value=LOGIT_SCALE_INIT,
+    )
+    config.architectures = ["CLIPModel"]
+    return config
+
+
+def random_clip_state_dict(
+    config: CLIPConfig, *, seed: int, position_embedding_scale: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Every tensor of `CLIPModel(config).state_dict()`, drawn from a generator seeded with `seed`."""
+    with torch.device("meta"):
+        skeleton = CLIPModel(config)  # names, shapes and module types only; no memory, no RNG
+    layer_norm_weights = {
+        f"{name}.weight" for name, module in skeleton.named_modules() if isinstance(module, nn.LayerNorm)
+    }
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for name, meta in sorted(skeleton.state_dict().items()):  # sorted: draw order is part of the seed
+        shape = tuple(meta.shape)
+        if name == "logit_scale":
+            tensor = torch.tensor(LOGIT_SCALE_INIT)
+        elif name in layer_norm_weights:
+            tensor = torch.ones(shape)
+        elif name.endswith(".bias"):
+            tensor = torch.zeros(shape)
+        elif name.endswith("position_embedding.weight"):
+            std = POSITION_EMBEDDING_STD
+            if name.startswith("vision_model."):
+                std *= position_embedding_scale
+            tensor = torch.randn(shape, generator=generator) * std
+        elif name.endswith("class_embedding"):
+            tensor = torch.randn(shape, generator=generator) * shape[0] ** -0.5
+        elif name.endswith("token_embedding.weight"):
+            tensor = torch.randn(shape, generator=generator) * POSITION_EMBEDDING_STD
+        else:
+            assert len(shape) in (2, 4), f"no init rule for {name} {shape}"
+            fan_in = int(torch.tensor(shape[1:]).prod())  # Linear [out, in]; Conv2d [out, in, kh, kw]
+            tensor = torch.randn(shape, generator=generator) * fan_in**-0.5
+        assert tensor.dtype == torch.float32, name
+        state_dict[name] = tensor.contiguous()
+    return state_dict
+
+
+def preprocessor_config(image_size: int) -> dict:
+    """The old (CLIPFeatureExtractor) format of openai/clip-vit-large-patch14, at `image_size`."""
+    return {
+        "crop_size": image_size,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_std": OPENAI_CLIP_STD,
+        "resample": BICUBIC,
+        "size": image_size,
+    }
+
+
+def write_tiny_clip_checkpoint(
+    path: str | os.PathLike,
+    *,
+    image_size: int = 112,
+    patch_size: int = 14,
+    hidden_size: int = 64,
+    intermediate_size: int = 256,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    projection_dim: int = 32,
+    seed: int = 0,
+    position_embedding_scale: float = 1.0,
+    overwrite: bool = False,
+) -> Path:
+    """Write a random CLIPModel checkpoint folder at `path` and return it.
+
+    `position_embedding_scale` multiplies the vision tower's random position embeddings: with a
+    random frozen tower, stronger position embeddings make "where is the object" visible to the
+    model downstream. The folder is assembled in a temporary sibling and renamed into place at the
+    end, so a crash never leaves a half-written checkpoint. An existing `path` is an error unless
+    `overwrite=True`.
+    """
+    path = Path(path)
+    if image_size % patch_size != 0:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    config = tiny_clip_config(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        projection_dim=projection_dim,
+    )
+    state_dict = random_clip_state_dict(config, seed=seed, position_embedding_scale=position_embedding_scale)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; a checkpoint folder is ordinary data
+    try:
+        config.to_json_file(staging / "config.json")
+        save_file(state_dict, staging / "model.safetensors", metadata={"format": "pt"})
+        with open(staging / "preprocessor_config.json", "w") as f:
+            json.dump(preprocessor_config(image_size), f, indent=2)
+            f.write("\n")
+        if path.exists():  # overwrite=True: move the old folder aside only once the new one is complete
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
