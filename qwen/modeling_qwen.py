@@ -19,7 +19,6 @@ it), any batch size works with left padding, and the loss ignores -100 without N
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -27,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -36,6 +34,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
+from .checkpoint import checkpoint_shapes
 from .configuration_qwen import QWenConfig
 
 logger = logging.get_logger(__name__)
@@ -217,25 +216,6 @@ def padding_attention_bias(
     bias = bias.expand(-1, -1, query_len, -1)
     causal = torch.ones(query_len, S, dtype=torch.bool, device=attention_mask.device).tril(S - query_len)
     return bias.masked_fill(~causal, torch.finfo(dtype).min)
-
-
-def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
-    """Tensor names and shapes of a safetensors checkpoint (one file or sharded), read from the headers only."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        return None  # a pytorch_model.bin checkpoint: transformers checks it (with weights_only=True)
-    shapes = {}
-    for name in files:
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder}: shard {name} named in the index is missing")
-        with safe_open(str(folder / name), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open objects are not iterable)
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    return shapes
 
 
 def check_checkpoint_tensors(cls, config: QWenConfig, folder: Path) -> None:

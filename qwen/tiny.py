@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from .checkpoint import save_sharded_safetensors
 
 # The official vocabulary size (151643 BPE ranks + 208 specials, padded to a multiple of 128).
 QWEN_VOCAB_SIZE = 151936
@@ -111,26 +112,6 @@ def random_qwen_state_dict(config: dict, *, seed: int = 0, bias_std: float = 0.0
     return sd
 
 
-def save_sharded_safetensors(state_dict: dict[str, torch.Tensor], folder: Path, num_shards: int = 1) -> None:
-    """`model.safetensors`, or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`."""
-    state_dict = {k: v.contiguous() for k, v in state_dict.items()}
-    if num_shards <= 1:
-        save_file(state_dict, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return
-    names = list(state_dict)
-    per_shard = math.ceil(len(names) / num_shards)
-    weight_map, total = {}, 0
-    for s in range(num_shards):
-        shard_name = f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
-        shard = {n: state_dict[n] for n in names[s * per_shard : (s + 1) * per_shard]}
-        save_file(shard, str(folder / shard_name), metadata={"format": "pt"})
-        for n, t in shard.items():
-            weight_map[n] = shard_name
-            total += t.numel() * t.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
 GENERATION_CONFIG = {
     "chat_format": "chatml",
     "eos_token_id": 151643,
@@ -180,7 +161,7 @@ def write_tiny_qwen_checkpoint(
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (staging / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
         (staging / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
-        save_sharded_safetensors(state_dict, staging, num_shards)
+        save_sharded_safetensors(state_dict, staging, num_shards=num_shards)
         if vocab_file is not None:
             shutil.copyfile(vocab_file, staging / "qwen.tiktoken")
         else:

@@ -87,3 +87,23 @@ def byte_vocab_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("vocab") / "qwen.tiktoken"
     path.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory):
+    """A tiny QWen checkpoint in the official layout, with the full 151936-row vocabulary (image tag id 151646)."""
+    from qwen.tiny import write_tiny_qwen_checkpoint
+
+    return write_tiny_qwen_checkpoint(
+        tmp_path_factory.mktemp("llm") / "tiny-qwen", seed=3, bias_std=0.02, hidden_size=32, intermediate_size=64
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny CLIP checkpoint in the openai/clip-vit-large-patch14 layout: 56 px images, 16 patch tokens."""
+    from visual import write_tiny_clip_checkpoint
+
+    return write_tiny_clip_checkpoint(
+        tmp_path_factory.mktemp("clip") / "tiny-clip", image_size=56, hidden_size=32, intermediate_size=64
+    )

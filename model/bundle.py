@@ -1,0 +1,201 @@
+"""Build the multimodal model from its two base folders, and save/load a trained checkpoint bundle.
+
+A bundle is one self-describing folder:
+
+    vlm_config.json          base model folders, CLIP feature layer, image token count, system prompt
+    projector.safetensors    the trained projector
+    adapter_config.json      the LoRA adapter in PEFT's own format: `peft.PeftModel.from_pretrained(qwen, folder)`
+    adapter_model.safetensors  works on the plain base QWen (embeddings too, when they were trained)
+
+`load_vlm(folder)` rebuilds exactly the trained model. A merged export (`python -m model.export`) has the
+same `vlm_config.json` and projector, and QWen weights in the official layout instead of an adapter; it
+loads without peft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qwen import QWenConfig
+from settings import DEFAULT_SYSTEM_PROMPT, ConfigError, build
+from visual import CLIPVisionTower
+
+from .modeling_vlm import IMAGE_TOKEN_ID, QWenVLForCausalLM
+
+BUNDLE_CONFIG_FILE = "vlm_config.json"
+PROJECTOR_FILE = "projector.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+BUNDLE_FORMAT = "qwen-vl-bundle/1"
+
+
+@dataclass
+class BundleConfig:
+    llm_path: str  # absolute, or relative to the bundle folder ("." for a merged export)
+    vision_path: str
+    vision_feature_layer: int
+    num_image_tokens: int
+    vision_hidden_size: int
+    llm_hidden_size: int
+    image_token_id: int = IMAGE_TOKEN_ID
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    merged: bool = False  # True: QWen weights with the LoRA folded in live in the folder itself
+    format: str = BUNDLE_FORMAT
+
+    def save(self, folder: Path) -> None:
+        (folder / BUNDLE_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> BundleConfig:
+        path = folder / BUNDLE_CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not a checkpoint bundle: no {BUNDLE_CONFIG_FILE}")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        config = build(cls, raw, str(path))
+        if config.format != BUNDLE_FORMAT:
+            raise ConfigError(f"{path}: unsupported bundle format {config.format!r} (expected {BUNDLE_FORMAT!r})")
+        return config
+
+    def resolve(self, folder: Path) -> tuple[str, str]:
+        """Absolute base-model folders (relative ones are taken from the bundle folder)."""
+        return tuple(str(p if Path(p).is_absolute() else (folder / p).resolve()) for p in (self.llm_path, self.vision_path))
+
+
+def build_vlm(
+    llm_path: str | os.PathLike,
+    vision_path: str | os.PathLike,
+    *,
+    vision_feature_layer: int = -2,
+    dtype: torch.dtype | None = None,
+) -> QWenVLForCausalLM:
+    """QWen (strictly loaded from its folder) + frozen CLIP tower + a freshly initialised fp32 projector."""
+    tower = CLIPVisionTower.from_pretrained(vision_path, feature_layer=vision_feature_layer, dtype=dtype)
+    config = QWenConfig.from_pretrained(llm_path)
+    config.vision_hidden_size = tower.hidden_size
+    config.image_token_id = IMAGE_TOKEN_ID
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = QWenVLForCausalLM.from_pretrained(llm_path, config=config, **kwargs)
+    model.projector.float()  # trainable master weights stay fp32; bf16 compute comes from autocast
+    model.attach_vision_tower(tower)
+    return model
+
+
+def bundle_config_for(model: QWenVLForCausalLM, llm_path, vision_path, system_prompt: str) -> BundleConfig:
+    tower = model.vision_tower
+    return BundleConfig(
+        llm_path=str(Path(llm_path).resolve()),
+        vision_path=str(Path(vision_path).resolve()),
+        vision_feature_layer=tower.feature_layer,
+        num_image_tokens=tower.num_patches,
+        vision_hidden_size=tower.hidden_size,
+        llm_hidden_size=model.config.hidden_size,
+        image_token_id=model.image_token_id,
+        system_prompt=system_prompt,
+    )
+
+
+def unwrap(model) -> QWenVLForCausalLM:
+    """The QWenVLForCausalLM inside a PeftModel / DDP wrapper (or the model itself)."""
+    while not isinstance(model, QWenVLForCausalLM):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module"):
+            model = model.module
+        else:
+            raise TypeError(f"not a QWenVLForCausalLM (or a wrapper of one): {type(model).__name__}")
+    return model
+
+
+def save_bundle(model, folder: str | os.PathLike, config: BundleConfig) -> Path:
+    """Write adapter (if the model is a PeftModel), projector and config into `folder`.
+
+    Files are written aside first and moved in one by one, the config last: an interrupted save leaves no
+    half-written file, and a folder without vlm_config.json is recognisably incomplete. Other files already
+    in `folder` (the Trainer's optimizer state, say) are left alone.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=folder))
+    try:
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(staging, safe_serialization=True)
+        projector = unwrap(model).projector
+        save_file({k: v.detach().float().contiguous() for k, v in projector.state_dict().items()},
+                  str(staging / PROJECTOR_FILE), metadata={"format": "pt"})
+        config.save(staging)
+        names = sorted(p.name for p in staging.iterdir() if p.name != BUNDLE_CONFIG_FILE) + [BUNDLE_CONFIG_FILE]
+        if (folder / BUNDLE_CONFIG_FILE).exists():
+            (folder / BUNDLE_CONFIG_FILE).unlink()  # the folder is incomplete until the new config lands
+        for name in names:
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def load_projector(model: QWenVLForCausalLM, folder: Path) -> None:
+    path = folder / PROJECTOR_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: missing {PROJECTOR_FILE}")
+    state = load_file(str(path))
+    expected = model.projector.state_dict()
+    problems = sorted(set(expected) ^ set(state)) + [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items() if k in state and state[k].shape != v.shape
+    ]
+    if problems:
+        raise ValueError(f"{path} does not fit the model: {problems}")
+    model.projector.load_state_dict({k: v.float() for k, v in state.items()})
+
+
+def load_vlm(
+    folder: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    merge_lora: bool = True,
+    is_trainable: bool = False,
+    llm_path: str | None = None,
+    vision_path: str | None = None,
+):
+    """Rebuild the trained model of a bundle (or a merged export). Returns (model, BundleConfig).
+
+    `merge_lora=True` folds the adapter into the weights (a plain QWenVLForCausalLM, fastest for inference);
+    `merge_lora=False` returns the PeftModel (`is_trainable=True` to continue training). `llm_path` /
+    `vision_path` override the base folders recorded in the bundle (e.g. on another machine).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    config = BundleConfig.load(folder)
+    recorded_llm, recorded_vision = config.resolve(folder)
+    model = build_vlm(
+        llm_path or recorded_llm,
+        vision_path or recorded_vision,
+        vision_feature_layer=config.vision_feature_layer,
+        dtype=dtype,
+    )
+    if model.vision_tower.num_patches != config.num_image_tokens:
+        raise ValueError(
+            f"{folder}: trained with {config.num_image_tokens} image tokens, but the vision tower at "
+            f"{vision_path or recorded_vision} gives {model.vision_tower.num_patches}"
+        )
+    load_projector(model, folder)
+    if not config.merged and (folder / ADAPTER_CONFIG_FILE).is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+        unwrap(model).projector.requires_grad_(is_trainable)
+        if merge_lora:
+            model = model.merge_and_unload()
+    return model, config

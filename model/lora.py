@@ -1,0 +1,51 @@
+"""LoRA on the LLM (explicit targets, printed), the projector trainable, CLIP frozen."""
+
+from __future__ import annotations
+
+from torch import nn
+
+# Qwen's own fine-tuning targets: the fused QKV, both output projections (attention and MLP) and the two
+# MLP input projections. Names are matched as suffixes of module paths; CLIP's modules are q_proj, k_proj,
+# v_proj, out_proj, fc1, fc2 and the projector's linear_1/linear_2, so nothing outside QWen's blocks matches.
+DEFAULT_LORA_TARGETS = ("c_attn", "c_proj", "w1", "w2")
+EMBEDDING_MODULES = ("wte", "lm_head")
+
+
+def apply_lora(
+    model: nn.Module,
+    *,
+    r: int = 64,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    target_modules: tuple[str, ...] | list[str] = DEFAULT_LORA_TARGETS,
+    train_embeddings: bool = False,
+    verbose: bool = True,
+):
+    """Wrap `model` (a QWenVLForCausalLM) with PEFT LoRA; returns the PeftModel.
+
+    Only LoRA weights, the projector and, with `train_embeddings`, full copies of `wte`/`lm_head` (needed
+    when starting from the base Qwen-7B, whose ChatML tokens were never trained) require grad afterwards.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        modules_to_save=list(EMBEDDING_MODULES) if train_embeddings else None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    base = peft_model.get_base_model()
+    base.projector.requires_grad_(True)
+    if base.vision_tower is not None:
+        base.vision_tower.requires_grad_(False)
+    if verbose:
+        print(f"LoRA targets: {sorted(config.target_modules)} (r={r}, alpha={alpha}, dropout={dropout})"
+              + (f"; full copies trained: {list(EMBEDDING_MODULES)}" if train_embeddings else ""))
+        peft_model.print_trainable_parameters()
+        n_proj = sum(p.numel() for p in base.projector.parameters())
+        print(f"projector parameters (trainable, own learning rate): {n_proj:,}")
+    return peft_model
