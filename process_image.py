@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dataprocess.pipeline import InputError, process, report_path
+from dataprocess.pipeline import PathError, process, report_path
 from dataprocess.report import format_report
 from settings import ConfigError, load_data_config
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_data_config(args.config)
         result = process(cfg)
-    except (ConfigError, InputError) as e:
+    except (ConfigError, PathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -32,8 +32,8 @@ FORMATS = ("aic", "llava")
 VAL_MAX_FRACTION = 0.05
 
 
-class InputError(Exception):
-    """An annotations file or image folder that cannot be used; the message names the path."""
+class PathError(Exception):
+    """A data file or folder (annotations, images, outputs) that cannot be used; the message names the path."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,30 +74,30 @@ def check_data_config(cfg: DataConfig) -> None:
 
 
 def check_inputs(cfg: DataConfig) -> None:
-    """Every annotations file and image folder exists, and the outputs are not folders; raises InputError."""
+    """Every annotations file and image folder exists, and the outputs are not folders; raises PathError."""
     for src in cfg.sources:
         if not os.path.isfile(src.annotations):
-            raise InputError(f"annotations file not found: {src.annotations} (source {source_name(src)!r})")
+            raise PathError(f"annotations file not found: {src.annotations} (source {source_name(src)!r})")
         if not os.path.isdir(src.image_dir):
-            raise InputError(f"image folder not found: {src.image_dir} (source {source_name(src)!r})")
+            raise PathError(f"image folder not found: {src.image_dir} (source {source_name(src)!r})")
     for path in (cfg.output, cfg.resolved_val_output(), report_path(cfg)):
         if os.path.isdir(path):
-            raise InputError(f"output path is a folder: {path}")
+            raise PathError(f"output path is a folder: {path}")
 
 
 def read_rows(path: str) -> list[Any]:
-    """The rows of a JSON annotations file (a list at the top level); raises InputError."""
+    """The rows of a JSON annotations file (a list at the top level); raises PathError."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             rows = json.load(f)
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        raise PathError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+        raise PathError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
     except OSError as e:
-        raise InputError(f"{path}: cannot be read ({e.strerror})") from e
+        raise PathError(f"{path}: cannot be read ({e.strerror})") from e
     if not isinstance(rows, list):
-        raise InputError(f"{path}: expected a JSON list of rows, got a JSON {type(rows).__name__}")
+        raise PathError(f"{path}: expected a JSON list of rows, got a JSON {type(rows).__name__}")
     return rows
 
 
@@ -183,22 +183,26 @@ def split_validation(samples: list[dict[str, Any]], val_size: int, seed: int) ->
 
 
 def write_files_atomically(contents: dict[str, Iterable[str]]) -> None:
-    """Write each file to a temporary name in its folder, then rename them all; on error, remove the temporaries."""
+    """Write each file to a temporary name in its folder, then rename them all; on error, remove the temporaries.
+
+    An OS error (no permission, disk full) becomes a PathError naming the file.
+    """
     temps: dict[str, str] = {}
+    path = ""
     try:
         for path, chunks in contents.items():
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            tmp = os.path.join(
-                os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}"
-            )
-            temps[path] = tmp
-            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            temps[path] = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+            with open(temps[path], "w", encoding="utf-8", newline="\n") as f:
                 for chunk in chunks:
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
         for path, tmp in temps.items():
             os.replace(tmp, path)
+    except OSError as e:
+        raise PathError(f"cannot write {path}: {e.strerror or e}") from e
     finally:
         for tmp in temps.values():
             if os.path.exists(tmp):
@@ -217,7 +221,7 @@ class ProcessResult:
 
 
 def process(cfg: DataConfig, progress: bool = True) -> ProcessResult:
-    """Run everything; raises ConfigError / InputError before doing any work if the config or paths are wrong.
+    """Run everything; raises ConfigError / PathError before doing any work if the config or paths are wrong.
 
     If no sample at all is kept, only the report is written (an earlier good output is not replaced).
     """
