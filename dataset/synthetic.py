@@ -8,8 +8,8 @@ side is 30-40% of the image side: at that size a random frozen vision tower can 
 `write_demo_raw_data` writes both raw formats, so the demo goes through process_image.py like real data:
 
     out_dir/
-      llava_demo.json     LLaVA rows, one 6-turn conversation per image (colour, shape, position; en + zh,
-      llava_images/         in a seeded order; <image> in the first human turn)
+      llava_demo.json     LLaVA rows, one conversation of 6 questions per image (colour, shape, position;
+      llava_images/         en + zh; seeded order; <image> in the first human turn)
       aic_demo.json       AI Challenger rows, five Chinese captions per image, on a separate set of images
       aic_images/
       heldout.json        [{"image": "heldout_images/000000.png", "questions": [{"lang", "attribute",
@@ -136,17 +136,16 @@ _ANSWERS = {
 }
 
 
-def normalise_answer(text: str, lang: str) -> str:
-    """The canonical label ("red", "circle", "top left") that `text` names in `lang`.
+def normalise_answer(text: str, lang: str) -> str | None:
+    """The canonical label ("red", "circle", "top left") that `text` names in `lang`, or None.
 
-    Case, whitespace and punctuation do not matter ("Top-left." and "top left" are the same answer); an
-    answer in the other language does not count. Text that names no label comes back cleaned, so it
-    never equals a label.
+    Case, whitespace and punctuation do not matter ("Top-left." and "top left" are the same answer);
+    an answer in the other language, or a sentence around the word, names no label (None), so it
+    never equals the expected label.
     """
     if lang not in _ANSWERS:
         raise ValueError(f"lang must be 'en' or 'zh', got {lang!r}")
-    cleaned = _clean(text)
-    return _ANSWERS[lang].get(cleaned, cleaned)
+    return _ANSWERS[lang].get(_clean(text))
 
 
 # --------------------------------------------------------------------------------------------------
