@@ -29,7 +29,7 @@ from dataprocess.schema import DUPLICATE_ID, IMAGE_MISSING, IMAGE_UNREADABLE, Dr
 from settings import ConfigError, DataConfig, DataSource
 
 FORMATS = ("aic", "llava")
-VAL_MAX_FRACTION = 0.05
+VAL_MAX_PERCENT = 5
 
 
 class PathError(Exception):
@@ -127,8 +127,7 @@ def convert(src: DataSource, rows: list[Any], seed: int) -> Iterator[Kept | Drop
     return convert_llava(rows, src.image_dir, name)
 
 
-def convert_source(src: DataSource, seed: int) -> SourceResult:
-    rows = read_rows(src.annotations)
+def convert_source(src: DataSource, rows: list[Any], seed: int) -> SourceResult:
     used = rows if src.limit is None else rows[: src.limit]
     result = SourceResult(src, source_name(src), rows=len(rows), skipped=len(rows) - len(used))
     first_row: dict[str, int] = {}
@@ -164,7 +163,7 @@ def split_validation(samples: list[dict[str, Any]], val_size: int, seed: int) ->
     whose images no other sample uses come first, so that no image is in both files when avoidable.
     """
     n = len(samples)
-    n_val = 0 if val_size == 0 or n < 2 else max(1, min(val_size, int(n * VAL_MAX_FRACTION)))
+    n_val = 0 if val_size == 0 or n < 2 else max(1, min(val_size, n * VAL_MAX_PERCENT // 100))
     uses = Counter(p for s in samples for p in set(s["images"]))
 
     def rank(i: int) -> tuple[bool, str]:
@@ -221,7 +220,8 @@ class ProcessResult:
 
 
 def process(cfg: DataConfig, progress: bool = True) -> ProcessResult:
-    """Run everything; raises ConfigError / PathError before doing any work if the config or paths are wrong.
+    """Run everything; raises ConfigError / PathError before converting anything if the config, a path or an
+    annotations file is wrong.
 
     If no sample at all is kept, only the report is written (an earlier good output is not replaced).
     """
@@ -230,7 +230,8 @@ def process(cfg: DataConfig, progress: bool = True) -> ProcessResult:
     seconds = {}
 
     t = time.perf_counter()
-    results = [convert_source(src, cfg.seed) for src in cfg.sources]
+    raw_rows = [read_rows(src.annotations) for src in cfg.sources]  # every file parses before any work
+    results = [convert_source(src, rows, cfg.seed) for src, rows in zip(cfg.sources, raw_rows)]
     seconds["convert"] = time.perf_counter() - t
 
     t = time.perf_counter()
