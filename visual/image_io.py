@@ -54,8 +54,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open, fully decode, orient (EXIF) and convert to RGB. Raises `ImageLoadError`."""
+def load_image(path: str | os.PathLike, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Open, fully decode, orient (EXIF) and convert to RGB. Raises `ImageLoadError`.
+
+    `draft_size` (for checks that only need to know the file decodes, like process_image.py): a JPEG
+    may then be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), never below this size. Every
+    byte of the file is still read and entropy-decoded, so a truncated or corrupt file fails the same
+    way, while a 10k px photo needs 64 times less memory. Other formats ignore it.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ImageLoadError(path, "missing")
@@ -67,6 +73,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                # Pillow only raises above twice its limit (and warns in between), so check ours here.
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise ImageLoadError(
+                        path, "too large", f"{img.width}x{img.height} is over {MAX_IMAGE_PIXELS} pixels"
+                    )
+                if draft_size is not None and img.format == "JPEG":
+                    img.draft(None, draft_size)
                 img.load()  # decode every byte now: a truncated file fails here, not later
                 img = ImageOps.exif_transpose(img) or img
                 rgb = to_rgb(img)

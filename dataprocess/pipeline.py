@@ -1,0 +1,291 @@
+"""Raw sources → checked unified samples → train / validation JSONL + report (what process_image.py runs).
+
+Steps, in order:
+1. check the `data` config and that every annotations file and image folder exists (before any work);
+2. convert each source's rows (one converter per format), dropping repeated ids within a source;
+3. decode every distinct image once (worker processes) and drop the samples with a bad image;
+4. split off the validation samples (deterministic from the seed) and write both files and the report,
+   each to a temporary name first, then renamed: a crash never leaves a half-written output.
+Same inputs and seed give byte-identical files, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dataprocess.aic import convert_aic
+from dataprocess.images import check_images
+from dataprocess.llava import convert_llava
+from dataprocess.report import build_report, source_entry
+from dataprocess.schema import DUPLICATE_ID, IMAGE_MISSING, IMAGE_UNREADABLE, Drop, Kept, to_json_line
+from settings import ConfigError, DataConfig, DataSource
+
+FORMATS = ("aic", "llava")
+VAL_MAX_PERCENT = 5
+
+
+class PathError(Exception):
+    """A data file or folder (annotations, images, outputs) that cannot be used; the message names the path."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config and inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def source_name(src: DataSource) -> str:
+    return src.name or Path(src.annotations).stem
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Value checks the typed loader cannot do (formats, ranges, unique names); raises ConfigError."""
+    if not cfg.sources:
+        raise ConfigError("data.sources: at least one source is needed")
+    seen: dict[str, int] = {}
+    for i, src in enumerate(cfg.sources):
+        if src.format not in FORMATS:
+            raise ConfigError(f"data.sources[{i}].format: {src.format!r} is not one of {', '.join(FORMATS)}")
+        if src.limit is not None and src.limit < 0:
+            raise ConfigError(f"data.sources[{i}].limit: must be >= 0, got {src.limit}")
+        name = source_name(src)
+        if name in seen:
+            raise ConfigError(
+                f"data.sources[{i}]: source name {name!r} is also used by data.sources[{seen[name]}];"
+                " give one of them a distinct 'name'"
+            )
+        seen[name] = i
+    if cfg.val_size < 0:
+        raise ConfigError(f"data.val_size: must be >= 0, got {cfg.val_size}")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"data.num_workers: must be >= 0, got {cfg.num_workers}")
+    if not cfg.output:
+        raise ConfigError("data.output: a file path is needed")
+    outputs = [cfg.output, cfg.resolved_val_output(), report_path(cfg)]
+    if len({os.path.abspath(p) for p in outputs}) != len(outputs):
+        raise ConfigError(f"data.output and data.val_output must be different files: {outputs[0]}")
+
+
+def check_inputs(cfg: DataConfig) -> None:
+    """Every annotations file and image folder exists, and the outputs are not folders; raises PathError."""
+    for src in cfg.sources:
+        if not os.path.isfile(src.annotations):
+            raise PathError(f"annotations file not found: {src.annotations} (source {source_name(src)!r})")
+        if not os.path.isdir(src.image_dir):
+            raise PathError(f"image folder not found: {src.image_dir} (source {source_name(src)!r})")
+    for path in (cfg.output, cfg.resolved_val_output(), report_path(cfg)):
+        if os.path.isdir(path):
+            raise PathError(f"output path is a folder: {path}")
+
+
+def read_rows(path: str) -> list[Any]:
+    """The rows of a JSON annotations file (a list at the top level); raises PathError."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            rows = json.load(f)
+    except UnicodeDecodeError as e:
+        raise PathError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise PathError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    except OSError as e:
+        raise PathError(f"{path}: cannot be read ({e.strerror})") from e
+    if not isinstance(rows, list):
+        raise PathError(f"{path}: expected a JSON list of rows, got a JSON {type(rows).__name__}")
+    return rows
+
+
+def report_path(cfg: DataConfig) -> str:
+    return cfg.output + ".report.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversion and checks
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceResult:
+    src: DataSource
+    name: str
+    rows: int  # rows in the file
+    skipped: int  # rows after `limit`, not converted
+    kept: list[Kept] = field(default_factory=list)
+    drops: list[Drop] = field(default_factory=list)
+
+
+def convert(src: DataSource, rows: list[Any], seed: int) -> Iterator[Kept | Drop]:
+    name = source_name(src)
+    if src.format == "aic":
+        return convert_aic(rows, src.image_dir, name, seed)
+    return convert_llava(rows, src.image_dir, name)
+
+
+def convert_source(src: DataSource, rows: list[Any], seed: int) -> SourceResult:
+    used = rows if src.limit is None else rows[: src.limit]
+    result = SourceResult(src, source_name(src), rows=len(rows), skipped=len(rows) - len(used))
+    first_row: dict[str, int] = {}
+    for item in convert(src, used, seed):
+        if isinstance(item, Drop):
+            result.drops.append(item)
+        elif item.raw_id in first_row:
+            result.drops.append(
+                Drop(DUPLICATE_ID, item.row, item.raw_id, f"same id as row {first_row[item.raw_id]}")
+            )
+        else:
+            first_row[item.raw_id] = item.row
+            result.kept.append(item)
+    return result
+
+
+def image_drop(item: Kept, problems: dict[str, tuple[str, str] | None]) -> Drop | None:
+    """A drop for the sample's first bad image, or None if all its images are good."""
+    for path in item.sample["images"]:
+        problem = problems[path]
+        if problem is not None:
+            reason, detail = problem
+            label = IMAGE_MISSING if reason == "missing" else IMAGE_UNREADABLE
+            text = f"{path}: {reason}" + (f" ({detail})" if detail else "")
+            return Drop(label, item.row, item.raw_id, text[:300])
+    return None
+
+
+def split_validation(samples: list[dict[str, Any]], val_size: int, seed: int) -> tuple[list, list]:
+    """(train, val), both in input order. `val_size` samples, at most 5% of them, at least 1 if there are 2.
+
+    A sample is chosen by the SHA-256 of (seed, id), so adding data barely changes the choice; samples
+    whose images no other sample uses come first, so that no image is in both files when avoidable.
+    """
+    n = len(samples)
+    n_val = 0 if val_size == 0 or n < 2 else max(1, min(val_size, n * VAL_MAX_PERCENT // 100))
+    uses = Counter(p for s in samples for p in set(s["images"]))
+
+    def rank(i: int) -> tuple[bool, str]:
+        shared = any(uses[p] > 1 for p in samples[i]["images"])
+        return shared, hashlib.sha256(f"{seed}:{samples[i]['id']}".encode()).hexdigest()
+
+    chosen = set(sorted(range(n), key=rank)[:n_val])
+    train = [s for i, s in enumerate(samples) if i not in chosen]
+    val = [s for i, s in enumerate(samples) if i in chosen]
+    return train, val
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def write_files_atomically(contents: dict[str, Iterable[str]]) -> None:
+    """Write each file to a temporary name in its folder, then rename them all; on error, remove the temporaries.
+
+    An OS error (no permission, disk full) becomes a PathError naming the file.
+    """
+    temps: dict[str, str] = {}
+    path = ""
+    try:
+        for path, chunks in contents.items():
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            temps[path] = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+            with open(temps[path], "w", encoding="utf-8", newline="\n") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    except OSError as e:
+        raise PathError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProcessResult:
+    report: dict[str, Any]  # what is written to <output>.report.json
+    seconds: dict[str, float]  # wall time per stage (printed, never written: outputs stay reproducible)
+
+
+def process(cfg: DataConfig, progress: bool = True) -> ProcessResult:
+    """Run everything; raises ConfigError / PathError before converting anything if the config, a path or an
+    annotations file is wrong.
+
+    If no sample at all is kept, only the report is written (an earlier good output is not replaced).
+    """
+    check_data_config(cfg)
+    check_inputs(cfg)
+    seconds = {}
+
+    t = time.perf_counter()
+    raw_rows = [read_rows(src.annotations) for src in cfg.sources]  # every file parses before any work
+    results = [convert_source(src, rows, cfg.seed) for src, rows in zip(cfg.sources, raw_rows)]
+    seconds["convert"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    paths = [p for r in results for item in r.kept for p in item.sample["images"]]
+    problems = check_images(paths, cfg.num_workers, progress=progress)
+    seconds["images"] = time.perf_counter() - t
+
+    samples = []
+    for r in results:
+        good = []
+        for item in r.kept:
+            drop = image_drop(item, problems)
+            if drop is None:
+                good.append(item)
+            else:
+                r.drops.append(drop)
+        r.kept = good
+        samples.extend(item.sample for item in good)
+
+    train, val = split_validation(samples, cfg.val_size, cfg.seed)
+    outputs = {"train": cfg.output, "val": cfg.resolved_val_output()} if samples else None
+    sources = [
+        source_entry(
+            name=r.name,
+            fmt=r.src.format,
+            annotations=r.src.annotations,
+            image_dir=r.src.image_dir,
+            rows=r.rows,
+            skipped=r.skipped,
+            kept=len(r.kept),
+            drops=r.drops,
+        )
+        for r in results
+    ]
+    report = build_report(
+        seed=cfg.seed,
+        sources=sources,
+        n_train=len(train),
+        n_val=len(val),
+        outputs=outputs,
+        images_checked=len(problems),
+        images_bad=sum(p is not None for p in problems.values()),
+    )
+
+    t = time.perf_counter()
+    files: dict[str, Iterable[str]] = {
+        report_path(cfg): [json.dumps(report, ensure_ascii=False, indent=2) + "\n"]
+    }
+    if samples:
+        files = {
+            cfg.output: map(to_json_line, train),
+            cfg.resolved_val_output(): map(to_json_line, val),
+            **files,
+        }
+    write_files_atomically(files)
+    seconds["write"] = time.perf_counter() - t
+    return ProcessResult(report, seconds)
