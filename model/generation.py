@@ -1,0 +1,116 @@
+"""Answering prompts with images: the one generation path used by infer.py and the demo evaluation.
+
+Prompts are built exactly as in training (`dataset.conversation.build_prompt_ids`: ChatML, user text encoded
+with specials disallowed, each `<|extra_0|>` tag expanded to the image's N placeholder ids), batched with
+left padding and an attention mask from the true lengths, and decoded greedily or by sampling until
+`<|im_end|>`. Generation may only produce ids that exist in the vocabulary (no image placeholders, no ids
+between the tokenizer's last rank and the specials, no padding rows of the embedding matrix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from dataset.conversation import build_prompt_ids
+from qwen import stop_token_ids
+from qwen.tokenization_qwen import SPECIAL_START_ID
+
+IMAGE_TAG = "<|extra_0|>"
+
+
+class AllowedTokens(LogitsProcessor):
+    """Sets the score of every id outside `allowed` (a bool mask over the vocabulary) to -inf."""
+
+    def __init__(self, allowed: torch.Tensor):
+        self.allowed = allowed
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        allowed = self.allowed.to(scores.device)
+        return scores.masked_fill(~allowed[: scores.shape[-1]], float("-inf"))
+
+
+def allowed_token_mask(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Ordinary BPE tokens plus the three ChatML specials; nothing else."""
+    allowed = torch.zeros(vocab_size, dtype=torch.bool)
+    n_ranks = len(tokenizer.mergeable_ranks) if hasattr(tokenizer, "mergeable_ranks") else tokenizer.vocab_size - 208
+    allowed[: min(n_ranks, SPECIAL_START_ID)] = True
+    allowed[[tokenizer.eod_id, tokenizer.im_start_id, tokenizer.im_end_id]] = True
+    return allowed
+
+
+@dataclass
+class Prompt:
+    query: str  # user text; each image is one `<|extra_0|>` tag (added in front when missing)
+    images: list  # PIL images, one per tag, in order
+    history: list[tuple[str, str]] | None = None
+
+
+def prompt_tensors(prompts: list[Prompt], tokenizer, processor, system: str, num_image_tokens: int):
+    """Left-padded input_ids, attention_mask and the concatenated pixel_values of a batch of prompts."""
+    rows, pixels = [], []
+    for p in prompts:
+        n_tags = p.query.count(IMAGE_TAG) + sum(q.count(IMAGE_TAG) for q, _ in p.history or [])
+        if n_tags != len(p.images):
+            raise ValueError(f"the prompt has {n_tags} image tag(s) but {len(p.images)} image(s) were given")
+        rows.append(build_prompt_ids(tokenizer, p.query, p.history or [], system, num_image_tokens))
+        if p.images:
+            pixels.append(processor(p.images))
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, T - len(r):] = torch.tensor(r)
+        attention_mask[i, T - len(r):] = 1
+    pixel_values = torch.cat(pixels) if pixels else None
+    return input_ids, attention_mask, pixel_values
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    tokenizer,
+    processor,
+    prompts: list[Prompt],
+    *,
+    system: str,
+    num_image_tokens: int,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 0.8,
+    repetition_penalty: float | None = None,
+    streamer=None,
+    pixel_override=None,
+) -> list[str]:
+    """Answers for a batch of prompts (greedy when temperature is 0). `pixel_override(pixels)` lets the demo
+    evaluation blank the images after preprocessing."""
+    input_ids, attention_mask, pixel_values = prompt_tensors(prompts, tokenizer, processor, system, num_image_tokens)
+    device = next(model.parameters()).device
+    if pixel_values is not None:
+        if pixel_override is not None:
+            pixel_values = pixel_override(pixel_values)
+        pixel_values = pixel_values.to(device, model.vision_tower.dtype)
+    stops = stop_token_ids(tokenizer)
+    sampling = temperature > 0
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        pixel_values=pixel_values,
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None,
+        top_k=None,
+        repetition_penalty=repetition_penalty,  # None: the checkpoint's generation_config.json (1.1 for Qwen-7B-Chat)
+        eos_token_id=stops,
+        pad_token_id=tokenizer.pad_token_id,
+        logits_processor=LogitsProcessorList([AllowedTokens(allowed_token_mask(tokenizer, model.config.vocab_size))]),
+        streamer=streamer,
+    )
+    answers = []
+    for row in out[:, input_ids.shape[1]:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        answers.append(tokenizer.decode(row[:cut]).strip())
+    return answers

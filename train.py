@@ -1,0 +1,140 @@
+"""Train the VLM: LoRA on QWen + the projector, CLIP frozen, with the Hugging Face Trainer.
+
+    python train.py --config config.yaml [--any_training_argument value ...]
+    torchrun --nproc_per_node 4 train.py --config configs/qwen7b_coco.yaml     (what train.sh runs)
+
+Every checkpoint (`<output_dir>/checkpoint-N`) and the final `<output_dir>` are complete bundles that
+`infer.py --checkpoint` loads; `--resume_from_checkpoint <dir>` (or `latest`) continues a run exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+
+from settings import ConfigError
+from training.arguments import parse_args
+
+
+def check_inputs(model_args, data_args) -> None:
+    """Everything that can be wrong with the inputs, found before any output is written."""
+    for label, path in (("model.llm_path", model_args.llm_path), ("model.vision_path", model_args.vision_path)):
+        if not path or not Path(path).is_dir():
+            raise FileNotFoundError(f"{label}: folder not found: {path}")
+    if not data_args.train_file or not Path(data_args.train_file).is_file():
+        raise FileNotFoundError(
+            f"processed training data not found: {data_args.train_file} (run `python process_image.py --config ...` first)"
+        )
+    if data_args.eval_file and not Path(data_args.eval_file).is_file():
+        raise FileNotFoundError(f"validation data not found: {data_args.eval_file} (written by process_image.py)")
+
+
+def trainable_fingerprint(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_ranks_agree(model) -> None:
+    """After a multi-process run, every rank must hold the same trainable weights."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    mine = trainable_fingerprint(model)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if dist.get_rank() == 0:
+        print(f"trainable weights fingerprint per rank: {everyone} (equal: {len(set(everyone)) == 1})")
+    if len(set(everyone)) != 1:
+        raise RuntimeError(f"ranks ended with different weights: {everyone}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        model_args, data_args, lora_args, args, config_path = parse_args(argv)
+        check_inputs(model_args, data_args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+
+    from transformers import set_seed
+
+    from dataset import DataCollator, SupervisedDataset
+    from model import apply_lora, build_vlm, bundle_config_for
+    from qwen import QWenTokenizer
+    from training.trainer import VLMTrainer
+    from visual import CLIPImagePreprocessor
+
+    set_seed(args.seed)
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    try:
+        model = build_vlm(
+            model_args.llm_path, model_args.vision_path, vision_feature_layer=model_args.vision_feature_layer, dtype=dtype
+        )
+        tokenizer = QWenTokenizer.from_pretrained(model_args.llm_path)
+        processor = CLIPImagePreprocessor.from_pretrained(model_args.vision_path)
+        datasets = {
+            split: SupervisedDataset(
+                path,
+                tokenizer,
+                processor,
+                num_image_tokens=model.vision_tower.num_patches,
+                system=model_args.system_prompt,
+                max_length=data_args.max_length,
+                seed=args.seed,
+            )
+            for split, path in (("train", data_args.train_file), ("eval", data_args.eval_file))
+            if path
+        }
+    except (FileNotFoundError, ValueError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    if len(datasets["train"]) == 0:
+        print(f"train.py: error: no usable training sample in {data_args.train_file}", file=sys.stderr)
+        return 2
+
+    peft_model = apply_lora(
+        model,
+        r=lora_args.lora_r,
+        alpha=lora_args.lora_alpha,
+        dropout=lora_args.lora_dropout,
+        target_modules=lora_args.lora_target_modules,
+        train_embeddings=lora_args.train_embeddings,
+        verbose=args.should_log,
+    )
+    trainer = VLMTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets.get("eval"),
+        data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
+        bundle_config=bundle_config_for(model, model_args.llm_path, model_args.vision_path, model_args.system_prompt),
+        projector_learning_rate=args.projector_learning_rate,
+    )
+    resume = args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("latest", "true"):
+        resume = True
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()  # the final bundle, in output_dir itself
+    if "eval" in datasets and len(datasets["eval"]) > 0:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    check_ranks_agree(peft_model)
+    skipped = sum(getattr(d, "skipped", 0) for d in datasets.values())
+    if skipped and args.should_log:
+        print(f"samples skipped for unreadable images (this process): {skipped}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

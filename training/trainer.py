@@ -1,0 +1,122 @@
+"""The stock Hugging Face Trainer with only what this model needs overridden.
+
+- `create_optimizer`: four parameter groups (`build_param_groups`): weight decay only on matrices, and the
+  projector on its own, larger learning rate.
+- `_get_train_sampler`: a seeded sampler that also tells the dataset the epoch (AI Challenger samples pick
+  one of their five captions per epoch), optionally grouping samples of similar length.
+- `_save` / `_load_from_checkpoint`: every checkpoint is a complete bundle (adapter + projector + config,
+  see `model/bundle.py`), and resuming restores both the adapter and the projector.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import Sampler
+from transformers import Trainer
+
+from model.bundle import ADAPTER_CONFIG_FILE, BundleConfig, load_projector, save_bundle, unwrap
+
+
+def build_param_groups(
+    model: torch.nn.Module, *, learning_rate: float, projector_learning_rate: float, weight_decay: float, verbose: bool = True
+) -> list[dict]:
+    """Trainable parameters in four groups: {LLM side, projector} x {matrices: decayed, biases/norms: not}."""
+    groups = {
+        ("llm", True): [], ("llm", False): [], ("projector", True): [], ("projector", False): [],
+    }
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        side = "projector" if ".projector." in f".{name}" else "llm"
+        groups[(side, p.ndim >= 2)].append(p)
+    out = []
+    for (side, decay), params in groups.items():
+        if not params:
+            continue
+        out.append({
+            "params": params,
+            "weight_decay": weight_decay if decay else 0.0,
+            "lr": projector_learning_rate if side == "projector" else learning_rate,
+            "name": f"{side}/{'decay' if decay else 'no_decay'}",
+        })
+    if verbose:
+        for g in out:
+            n = sum(p.numel() for p in g["params"])
+            print(f"optimizer group {g['name']:<20} tensors={len(g['params']):<5} params={n:>12,} "
+                  f"lr={g['lr']:.2e} weight_decay={g['weight_decay']}")
+    return out
+
+
+class EpochSampler(Sampler):
+    """Wraps a sampler with `set_epoch`: the epoch also reaches the dataset, before workers copy it."""
+
+    def __init__(self, sampler, dataset):
+        self.sampler = sampler
+        self.dataset = dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class VLMTrainer(Trainer):
+    def __init__(self, *args, bundle_config: BundleConfig, projector_learning_rate: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bundle_config = bundle_config
+        self.projector_learning_rate = projector_learning_rate
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            groups = build_param_groups(
+                opt_model,
+                learning_rate=self.args.learning_rate,
+                projector_learning_rate=self.projector_learning_rate,
+                weight_decay=self.args.weight_decay,
+                verbose=self.args.should_log,
+            )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _get_train_sampler(self, train_dataset=None):
+        from dataset.sampler import LengthGroupedSampler
+
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        grouped = self.args.train_sampling_strategy == "group_by_length"
+        sampler = LengthGroupedSampler(
+            dataset.lengths, batch_size=self.args.train_batch_size, seed=self.args.seed, group_by_length=grouped
+        )
+        return EpochSampler(sampler, dataset)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            save_bundle(self.model, output_dir, self.bundle_config)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from peft import set_peft_model_state_dict
+
+        model = model if model is not None else self.model
+        folder = os.fspath(resume_from_checkpoint)
+        BundleConfig.load(Path(folder))  # a complete bundle, or a clear error
+        if hasattr(model, "peft_config"):
+            adapter = os.path.join(folder, "adapter_model.safetensors")
+            if not os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_FILE)) or not os.path.isfile(adapter):
+                raise FileNotFoundError(f"{folder}: no LoRA adapter to resume from")
+            result = set_peft_model_state_dict(model, load_file(adapter))
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"{folder}: adapter tensors the model does not have: {result.unexpected_keys}")
+        load_projector(unwrap(model), Path(folder))
+
