@@ -117,7 +117,8 @@ class SupervisedDataset(Dataset):
     input_ids / labels: LongTensor [T] (labels -100 except answers, see dataset.conversation);
     pixel_values: FloatTensor [n_images, 3, H, W] from `image_processor`, or None without images.
     With `feature_loader` (image paths → [n_images, tokens, C]) images are not decoded and the key
-    is "image_features" instead. Samples that cannot fit max_length are left out at construction
+    is "image_features" instead; a loader that cannot serve an image raises ImageLoadError, and the
+    sample is skipped like an unreadable image. Samples that cannot fit max_length are left out at construction
     (`unusable` lists their ids); `lengths[i]` is the token count of item i, placeholders included.
     """
 
