@@ -1,0 +1,252 @@
+"""The training dataset: unified samples (JSON Lines from process_image.py) → token ids, labels and pixels.
+
+At construction the file is read once, every sample is checked and encoded without its images
+(`lengths`, for the length-grouped sampler; samples truncated or too long for max_length are counted),
+and the raw lines are kept in one byte buffer: DataLoader workers share it instead of copying
+thousands of Python dicts. `__getitem__` re-encodes its sample (about a millisecond) and loads its images.
+
+A sample whose image cannot be loaded at training time never stops a run: it is skipped in favour
+of the next index that loads, counted in `skipped` (per process: each DataLoader worker counts its
+own) and named in a warning.
+
+Caption samples list every valid caption as `candidates`; the one trained on is chosen from
+(seed, epoch, row of the sample in the file, turn), so that each epoch can see another caption and
+a rerun sees the same ones. The epoch lives in shared memory, so `set_epoch` reaches DataLoader
+workers, persistent ones included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from dataset.conversation import (
+    SampleTooLongError,
+    check_turns,
+    count_image_tags,
+    encode_conversation,
+)
+from qwen.tokenization_qwen import QWenTokenizer
+from visual.image_io import ImageLoadError, load_image
+
+logger = logging.getLogger(__name__)
+
+ImageProcessor = Callable[[list[Image.Image]], torch.Tensor]  # N images → FloatTensor [N, 3, H, W]
+FeatureLoader = Callable[[list[str]], torch.Tensor]  # N image paths → FloatTensor [N, tokens, C]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and checking samples
+# --------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+    """(line number, raw line, sample) for each non-blank line; ValueError naming the file and line on bad JSON."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset file not found: {path} (run process_image.py to write it)")
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                sample = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e})") from e
+            if not isinstance(sample, dict):
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(sample).__name__}")
+            yield lineno, line, sample
+
+
+def check_sample(sample: dict[str, Any], where: str) -> None:
+    """Raise ValueError (prefixed with `where`) unless the sample follows the unified schema."""
+    for key, kind in (("id", str), ("images", list), ("turns", list)):
+        if not isinstance(sample.get(key), kind):
+            raise ValueError(f"{where}: '{key}' must be a {kind.__name__}")
+    images = sample["images"]
+    if not all(isinstance(p, str) for p in images):
+        raise ValueError(f"{where}: 'images' must be a list of paths")
+    turns = sample["turns"]
+    check_turns(turns, where)
+    for i, turn in enumerate(turns):
+        candidates = turn.get("candidates")
+        if candidates is not None and (
+            not isinstance(candidates, list) or not candidates or not all(isinstance(c, str) and c for c in candidates)
+        ):
+            raise ValueError(f"{where}: turn {i} 'candidates' must be a non-empty list of strings")
+    tags = count_image_tags(turns)
+    if tags != len(images):
+        raise ValueError(f"{where}: {tags} image tags in its user turns but {len(images)} images")
+
+
+def candidate_choice(seed: int, epoch: int, row: int, turn: int, num_candidates: int) -> int:
+    """Which candidate a turn uses: a stable hash of (seed, epoch, row, turn), the same in every process."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{row}/{turn}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % num_candidates
+
+
+def choose_candidates(turns: Sequence[dict[str, Any]], *, seed: int, epoch: int, row: int) -> list[dict[str, Any]]:
+    """The turns with each `candidates` list replaced by one of its entries as `content`."""
+    chosen = []
+    for i, turn in enumerate(turns):
+        candidates = turn.get("candidates")
+        if candidates:
+            turn = {"role": turn["role"], "content": candidates[candidate_choice(seed, epoch, row, i, len(candidates))]}
+        chosen.append(turn)
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------------
+
+
+class SupervisedDataset(Dataset):
+    """Samples of one JSONL file as {"input_ids", "labels", "pixel_values"} (or "image_features").
+
+    input_ids / labels: LongTensor [T] (labels -100 except answers, see dataset.conversation);
+    pixel_values: FloatTensor [n_images, 3, H, W] from `image_processor`, or None without images.
+    With `feature_loader` (image paths → [n_images, tokens, C]) images are not decoded and the key
+    is "image_features" instead; a loader that cannot serve an image raises ImageLoadError, and the
+    sample is skipped like an unreadable image. Samples that cannot fit max_length are left out at construction
+    (`unusable` lists their ids); `lengths[i]` is the token count of item i, placeholders included.
+    """
+
+    def __init__(
+        self,
+        jsonl_path: str | os.PathLike,
+        tokenizer: QWenTokenizer,
+        image_processor: ImageProcessor | None,
+        *,
+        num_image_tokens: int,
+        system: str,
+        max_length: int,
+        seed: int = 0,
+        feature_loader: FeatureLoader | None = None,
+    ):
+        if image_processor is None and feature_loader is None:
+            raise ValueError("SupervisedDataset needs an image_processor (or a feature_loader)")
+        self.path = os.fspath(jsonl_path)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.feature_loader = feature_loader
+        self.num_image_tokens = num_image_tokens
+        self.system = system
+        self.max_length = max_length
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by DataLoader workers
+
+        self.unusable: list[str] = []  # ids of samples whose first turn pair does not fit max_length
+        self.num_truncated = 0  # samples kept with trailing turn pairs dropped
+        self.skipped = 0  # samples skipped at __getitem__ in this process (image that does not load)
+        self._bad: set[int] = set()  # indices already skipped in this process
+
+        lines: list[bytes] = []
+        rows: list[int] = []
+        lengths: list[int] = []
+        name = os.path.basename(self.path)
+        for row, (lineno, line, sample) in enumerate(read_jsonl(self.path)):
+            where = f"{self.path}, line {lineno}" + (f" ({sample['id']})" if isinstance(sample.get("id"), str) else "")
+            check_sample(sample, where)
+            try:
+                encoded = encode_conversation(
+                    tokenizer, sample["turns"], system=system, num_image_tokens=num_image_tokens,
+                    max_length=max_length, sample_id=f"{sample['id']} ({name}, line {lineno})",
+                )
+            except SampleTooLongError:
+                self.unusable.append(sample["id"])
+                continue
+            self.num_truncated += encoded.dropped_turns > 0
+            lines.append(line)
+            rows.append(row)
+            lengths.append(len(encoded.input_ids))
+
+        self.lengths = lengths
+        self._rows = np.asarray(rows, dtype=np.int64)
+        self._offsets = np.cumsum([0] + [len(x) for x in lines], dtype=np.int64)
+        self._blob = np.frombuffer(b"".join(lines), dtype=np.uint8)
+        if self.unusable or self.num_truncated:
+            logger.warning(
+                "%s: %d samples, %d truncated to max_length=%d (trailing turns dropped), %d left out (too long)",
+                self.path, len(self), self.num_truncated, max_length, len(self.unusable),
+            )
+        if not len(self):
+            raise ValueError(f"{self.path}: no usable sample ({len(self.unusable)} too long for max_length={max_length})")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called each epoch (accelerate does it; see dataset.sampler under DDP): changes caption choices."""
+        self._epoch.fill_(int(epoch))
+
+    def sample(self, index: int) -> dict[str, Any]:
+        """The raw unified sample behind item `index`."""
+        start, end = self._offsets[index], self._offsets[index + 1]
+        return json.loads(self._blob[start:end].tobytes())
+
+    def encode(self, index: int):
+        """Item `index`'s sample, its turns with this epoch's candidates, encoded (no images loaded)."""
+        sample = self.sample(index)
+        turns = choose_candidates(sample["turns"], seed=self.seed, epoch=self.epoch, row=int(self._rows[index]))
+        encoded = encode_conversation(
+            self.tokenizer, turns, system=self.system, num_image_tokens=self.num_image_tokens,
+            max_length=self.max_length, sample_id=sample["id"],
+        )
+        return sample, encoded
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | None]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        index %= n
+        for attempt in range(n):
+            i = (index + attempt) % n
+            if i in self._bad:
+                continue
+            try:
+                return self._load(i)
+            except ImageLoadError as e:
+                self._skip(i, f"image {e.path}: {e.reason}")
+            except SampleTooLongError as e:  # a longer caption candidate than the one measured at init
+                self._skip(i, str(e))
+        raise RuntimeError(f"{self.path}: every sample was skipped in this process (see the warnings)")
+
+    def _skip(self, index: int, why: str) -> None:
+        self._bad.add(index)
+        self.skipped += 1
+        logger.warning("%s: skipping sample %d (%s): %s", self.path, index, self.sample(index)["id"], why)
+
+    def _load(self, index: int) -> dict[str, torch.Tensor | None]:
+        sample, encoded = self.encode(index)
+        paths = sample["images"][: encoded.num_images]
+        item: dict[str, torch.Tensor | None] = {
+            "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+            "labels": torch.tensor(encoded.labels, dtype=torch.long),
+        }
+        key = "image_features" if self.feature_loader is not None else "pixel_values"
+        if not paths:
+            item[key] = None
+            return item
+        if self.feature_loader is not None:
+            values = self.feature_loader(paths)  # [n_images, tokens, C]
+        else:
+            values = self.image_processor([load_image(p) for p in paths])  # [n_images, 3, H, W]
+        if values.shape[0] != len(paths):
+            raise ValueError(f"{sample['id']}: {len(paths)} images gave {key} of shape {tuple(values.shape)}")
+        item[key] = values
+        return item
