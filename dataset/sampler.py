@@ -49,6 +49,7 @@ class LengthGroupedSampler(Sampler[int]):
         mega_batch_mult: int = 50,
         longest_first: bool = True,
         dataset: Any = None,
+        group_by_length: bool = True,
     ):
         if batch_size < 1 or mega_batch_mult < 1:
             raise ValueError(f"batch_size and mega_batch_mult must be positive, got {batch_size}, {mega_batch_mult}")
@@ -60,6 +61,7 @@ class LengthGroupedSampler(Sampler[int]):
         self.mega_batch_mult = mega_batch_mult
         self.longest_first = longest_first
         self.dataset = dataset  # optional: gets set_epoch too
+        self.group_by_length = group_by_length  # False: a plain seeded shuffle (same epoch handling)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -74,6 +76,8 @@ class LengthGroupedSampler(Sampler[int]):
         """This epoch's batches, in order (the last may be incomplete)."""
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.lengths))
+        if not self.group_by_length:
+            return [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
         mega = self.batch_size * self.mega_batch_mult
         batches: list[np.ndarray] = []
         for begin in range(0, len(order), mega):

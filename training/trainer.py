@@ -3,7 +3,8 @@
 - `create_optimizer`: four parameter groups (`build_param_groups`): weight decay only on matrices, and the
   projector on its own, larger learning rate.
 - `_get_train_sampler`: a seeded sampler that also tells the dataset the epoch (AI Challenger samples pick
-  one of their five captions per epoch), optionally grouping samples of similar length.
+  one of their five captions per epoch), grouping samples of similar length with
+  `train_sampling_strategy: group_by_length`.
 - `_save` / `_load_from_checkpoint`: every checkpoint is a complete bundle (adapter + projector + config,
   see `model/bundle.py`), and resuming restores both the adapter and the projector.
 """
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import Sampler
 from transformers import Trainer
 
 from model.bundle import ADAPTER_CONFIG_FILE, BundleConfig, load_projector, save_bundle, unwrap
@@ -51,25 +51,6 @@ def build_param_groups(
     return out
 
 
-class EpochSampler(Sampler):
-    """Wraps a sampler with `set_epoch`: the epoch also reaches the dataset, before workers copy it."""
-
-    def __init__(self, sampler, dataset):
-        self.sampler = sampler
-        self.dataset = dataset
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-    def __iter__(self):
-        return iter(self.sampler)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-
 class VLMTrainer(Trainer):
     def __init__(self, *args, bundle_config: BundleConfig, projector_learning_rate: float, **kwargs):
         super().__init__(*args, **kwargs)
@@ -95,10 +76,11 @@ class VLMTrainer(Trainer):
 
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         grouped = self.args.train_sampling_strategy == "group_by_length"
-        sampler = LengthGroupedSampler(
-            dataset.lengths, batch_size=self.args.train_batch_size, seed=self.args.seed, group_by_length=grouped
+        # The sampler also hands the epoch to the dataset (accelerate does not under DDP when a sampler has set_epoch).
+        return LengthGroupedSampler(
+            dataset.lengths, batch_size=self.args.train_batch_size, seed=self.args.seed, dataset=dataset,
+            group_by_length=grouped,
         )
-        return EpochSampler(sampler, dataset)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
