@@ -99,6 +99,7 @@ class QWenVLForCausalLM(QWenLMHeadModel):
         use_cache: bool | None = None,
         past_key_values=None,
         return_logits: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ):
         """QWen's forward on spliced embeddings. With labels, only the loss is computed (no [B, T, vocab]
@@ -118,6 +119,7 @@ class QWenVLForCausalLM(QWenLMHeadModel):
             cache=cache,
             use_cache=use_cache,
             return_logits=return_logits,
+            logits_to_keep=logits_to_keep,  # generate() asks for the last position only
             **kwargs,
         )
 

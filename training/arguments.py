@@ -91,7 +91,16 @@ def parse_args(argv: list[str] | None = None):
         config_path = Path(argv[i + 1])
         del argv[i : i + 2]
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainArguments))
-    parser.set_defaults(**_config_defaults(config_path))
+    defaults = _config_defaults(config_path)
+    # The machine decides the precision unless the config does: fp32 with use_cpu on CPU (without use_cpu, DDP
+    # is silently skipped on a CPU machine), bf16 on a GPU that has it.
+    import torch
+
+    if not torch.cuda.is_available():
+        defaults.setdefault("use_cpu", True)
+    elif "bf16" not in defaults and "fp16" not in defaults and torch.cuda.is_bf16_supported():
+        defaults["bf16"] = True
+    parser.set_defaults(**defaults)
     # Required fields (the model paths) may come from the config: make argparse accept their absence.
     for action in parser._actions:
         if action.dest in ("llm_path", "vision_path") and action.default is not None:
