@@ -10,6 +10,7 @@ Every checkpoint (`<output_dir>/checkpoint-N`) and the final `<output_dir>` are 
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -30,6 +31,23 @@ def check_inputs(model_args, data_args) -> None:
         )
     if data_args.eval_file and not Path(data_args.eval_file).is_file():
         raise FileNotFoundError(f"validation data not found: {data_args.eval_file} (written by process_image.py)")
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    """The checkpoint folder to resume from (`latest`: the newest in output_dir), checked to be complete."""
+    if not resume:
+        return None
+    if resume.lower() in ("latest", "true"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        found = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if found is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-N folder in {output_dir}")
+        resume = found
+    for name in ("vlm_config.json", "trainer_state.json"):
+        if not (Path(resume) / name).is_file():
+            raise FileNotFoundError(f"cannot resume from {resume}: no {name} (not a complete checkpoint)")
+    return resume
 
 
 def trainable_fingerprint(model) -> str:
@@ -60,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_args, data_args, lora_args, args, config_path = parse_args(argv)
         check_inputs(model_args, data_args)
+        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
@@ -118,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         bundle_config=bundle_config_for(model, model_args.llm_path, model_args.vision_path, model_args.system_prompt),
         projector_learning_rate=args.projector_learning_rate,
     )
-    resume = args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("latest", "true"):
-        resume = True
+    if resume and args.should_log:
+        step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+        print(f"Resuming from {resume} at step {step}")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # the final bundle, in output_dir itself
     if "eval" in datasets and len(datasets["eval"]) > 0:

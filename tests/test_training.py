@@ -1,0 +1,137 @@
+"""train.py and infer.py end to end on tiny models: optimizer groups, checkpoints, exact resume, bad input, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from model import apply_lora, build_vlm
+from training.trainer import build_param_groups
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def run(*args, timeout=300, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], check=False, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_llm_dir, tiny_clip_dir):
+    """Tiny models, a small synthetic raw set processed by process_image.py, and a config using them."""
+    from dataset.synthetic import demo_data_section, write_demo_raw_data
+
+    root = tmp_path_factory.mktemp("project")
+    paths = write_demo_raw_data(root / "raw", n_train=24, n_aic=8, n_heldout=2, image_size=56, seed=1)
+    config = {
+        "model": {"llm_path": str(tiny_llm_dir), "vision_path": str(tiny_clip_dir)},
+        "data": {**demo_data_section(paths, str(root / "data" / "train.jsonl"), val_size=2), "max_length": 256},
+        "lora": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        "training": {
+            "output_dir": str(root / "out"), "seed": 3, "max_steps": 6, "per_device_train_batch_size": 4,
+            "learning_rate": 5.0e-3, "projector_learning_rate": 1.0e-2, "save_steps": 3, "logging_steps": 1,
+            "report_to": "none", "train_sampling_strategy": "group_by_length", "warmup_steps": 0,
+            "lr_scheduler_type": "linear", "disable_tqdm": True,
+        },
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    result = run("process_image.py", "--config", str(root / "config.yaml"))
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def adapter(folder: Path) -> dict:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_optimizer_groups_and_learning_rates(tiny_llm_dir, tiny_clip_dir):
+    model = apply_lora(build_vlm(tiny_llm_dir, tiny_clip_dir), r=4, alpha=8, train_embeddings=True, verbose=False)
+    groups = {g["name"]: g for g in build_param_groups(model, learning_rate=1e-4, projector_learning_rate=1e-3,
+                                                        weight_decay=0.1, verbose=False)}
+    assert set(groups) == {"llm/decay", "projector/decay", "projector/no_decay"}
+    assert groups["llm/decay"]["lr"] == 1e-4 and groups["llm/decay"]["weight_decay"] == 0.1
+    assert groups["projector/decay"]["lr"] == 1e-3 and groups["projector/decay"]["weight_decay"] == 0.1
+    assert groups["projector/no_decay"]["lr"] == 1e-3 and groups["projector/no_decay"]["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for p in groups["projector/no_decay"]["params"])
+    named = {id(p): n for n, p in model.named_parameters()}
+    llm_names = [named[id(p)] for p in groups["llm/decay"]["params"]]
+    # LoRA matrices plus the trainable copies of wte and lm_head (train_embeddings), nothing else
+    assert all("lora_" in n or "modules_to_save" in n for n in llm_names)
+    assert sum("modules_to_save" in n for n in llm_names) == 2
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == sum(p.requires_grad for p in model.parameters())
+
+
+def test_train_saves_bundles_resumes_exactly_and_infer_loads_a_checkpoint(project):
+    config = project / "config.yaml"
+    full = run("train.py", "--config", str(config), "--output_dir", str(project / "a"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    for folder in (project / "a" / "checkpoint-3", project / "a" / "checkpoint-6", project / "a"):
+        assert {"vlm_config.json", "projector.safetensors", "adapter_model.safetensors", "adapter_config.json"} <= {
+            p.name for p in folder.iterdir()}, folder
+
+    resumed = run("train.py", "--config", str(config), "--output_dir", str(project / "b"),
+                  "--resume_from_checkpoint", str(project / "a" / "checkpoint-3"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    histories = {
+        run_dir: {e["step"]: e["loss"] for e in json.loads(
+            (project / run_dir / "checkpoint-6" / "trainer_state.json").read_text())["log_history"] if "loss" in e}
+        for run_dir in ("a", "b")
+    }
+    # b carries a's history of steps 1-3 and then trained steps 4-6 itself: the same losses as the uninterrupted run
+    assert sorted(histories["b"]) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert abs(histories["a"][step] - histories["b"][step]) < 1e-3, step
+    assert "Resuming from" in resumed.stdout and "at step 3" in resumed.stdout
+    a, b = adapter(project / "a"), adapter(project / "b")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+    torch.testing.assert_close(load_file(str(project / "b" / "projector.safetensors"))["linear_2.weight"],
+                               load_file(str(project / "a" / "projector.safetensors"))["linear_2.weight"],
+                               atol=1e-5, rtol=1e-4)
+    assert (project / "a" / "eval_results.json").is_file()
+
+    image = next((project / "raw" / "heldout_images").iterdir())
+    answer = run("infer.py", "--checkpoint", str(project / "a" / "checkpoint-3"), "--image", str(image),
+                 "--prompt", "What colour is the shape?", "--max-new-tokens", "4")
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    assert answer.stdout.strip() != "" or answer.stdout == "\n"
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"model": {"llm_path": "/nowhere/qwen"}}, "model.llm_path: folder not found: /nowhere/qwen"),
+        ({"data": {"output": "/nowhere/train.jsonl"}}, "processed training data not found: /nowhere/train.jsonl"),
+        ({"training": {"learning_rat": 1.0}}, "unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
+    ],
+)
+def test_bad_input_is_one_clear_message_and_writes_nothing(project, tmp_path, change, message):
+    config = yaml.safe_load((project / "config.yaml").read_text())
+    for section, values in change.items():
+        config[section].update(values)
+    config["training"]["output_dir"] = str(tmp_path / "out")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    result = run("train.py", "--config", str(tmp_path / "c.yaml"))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_process_run_ends_with_equal_weights(project):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "train.py", "--config", str(project / "config.yaml"), "--output_dir", str(project / "ddp"),
+         "--max_steps", "2", "--save_steps", "100"],
+        check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(equal: True)" in result.stdout
