@@ -364,8 +364,10 @@ class QWenModel(QWenPreTrainedModel):
                 raise ValueError(
                     f"attention_mask must be [batch, past + new] = [{B}, {kv_length}], got {tuple(attention_mask.shape)}"
                 )
-            if bool(attention_mask.all()):
-                attention_mask = None  # nothing masked: the causal fast path is exact
+            if T > 1 and bool(attention_mask.all()):
+                # Nothing masked: the causal fast path (flash kernels) is exact. Not checked for single-token
+                # decoding steps, where the check would cost a GPU sync per token and the mask is cheap.
+                attention_mask = None
 
         # Rotary tables for positions past_length .. kv_length-1, one row per distinct NTK alpha.
         alphas = self._ntk_alphas(attention_mask, past_length, kv_length, cache)
