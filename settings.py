@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -165,7 +166,7 @@ def resolve_path(value: str | None, base_dir: Path) -> str | None:
     if value is None or value == "":
         return value
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base_dir / p))
+    return os.path.normpath(p if p.is_absolute() else (base_dir / p))
 
 
 def load_model_config(config_path: str | Path) -> ModelConfig:
