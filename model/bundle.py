@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,7 +195,9 @@ def load_vlm(
     if not config.merged and (folder / ADAPTER_CONFIG_FILE).is_file():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
         unwrap(model).projector.requires_grad_(is_trainable)
         if merge_lora:
             model = model.merge_and_unload()

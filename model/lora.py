@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 # Qwen's own fine-tuning targets: the fused QKV, both output projections (attention and MLP) and the two
@@ -37,7 +39,9 @@ def apply_lora(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     base = peft_model.get_base_model()
     base.projector.requires_grad_(True)
     if base.vision_tower is not None:
