@@ -5,6 +5,11 @@
 
 Every checkpoint (`<output_dir>/checkpoint-N`) and the final `<output_dir>` are complete bundles that
 `infer.py --checkpoint` loads; `--resume_from_checkpoint <dir>` (or `latest`) continues a run exactly.
+
+With `data.feature_cache` set (or `--feature_cache DIR`; `--feature_cache ""` ignores the config's), batches
+carry the CLIP features precomputed by `process_image.py --cache-features` instead of pixels, and the tower
+never runs; the cache must have been computed with this model's tower, layer and preprocessing and hold every
+image of the training and validation files, which is checked before anything is loaded.
 """
 
 from __future__ import annotations
@@ -31,6 +36,25 @@ def check_inputs(model_args, data_args) -> None:
         )
     if data_args.eval_file and not Path(data_args.eval_file).is_file():
         raise FileNotFoundError(f"validation data not found: {data_args.eval_file} (written by process_image.py)")
+
+
+def open_feature_cache(model_args, data_args):
+    """The feature cache of `data.feature_cache` (None if unset), checked to have been computed by this model's
+    tower, layer and preprocessing and to hold every image of the training and validation files."""
+    if not data_args.feature_cache:
+        return None
+    from dataprocess.features import FeatureCache, cache_identity, images_of_jsonl
+
+    cache = FeatureCache(data_args.feature_cache)
+    cache.check_identity(cache_identity(model_args.vision_path, model_args.vision_feature_layer))
+    files = [f for f in (data_args.train_file, data_args.eval_file) if f]
+    missing = cache.missing(images_of_jsonl(files))
+    if missing:
+        raise FileNotFoundError(
+            f"feature cache {data_args.feature_cache} lacks {len(missing)} images of {', '.join(files)} (first: "
+            f"{missing[0]}); complete it: `python process_image.py --config <config> --cache-features`"
+        )
+    return cache
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
@@ -79,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         model_args, data_args, lora_args, args, config_path = parse_args(argv)
         check_inputs(model_args, data_args)
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        feature_cache = open_feature_cache(model_args, data_args)  # FeatureCacheError is a ValueError
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
@@ -98,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             model_args.llm_path, model_args.vision_path, vision_feature_layer=model_args.vision_feature_layer, dtype=dtype
         )
         tokenizer = QWenTokenizer.from_pretrained(model_args.llm_path)
-        processor = CLIPImagePreprocessor.from_pretrained(model_args.vision_path)
+        # With the feature cache, items carry `image_features` instead of `pixel_values`: the tower never runs.
+        processor = CLIPImagePreprocessor.from_pretrained(model_args.vision_path) if feature_cache is None else None
         datasets = {
             split: SupervisedDataset(
                 path,
@@ -108,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 system=model_args.system_prompt,
                 max_length=data_args.max_length,
                 seed=args.seed,
+                feature_loader=feature_cache,
             )
             for split, path in (("train", data_args.train_file), ("eval", data_args.eval_file))
             if path
@@ -119,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: no usable training sample in {data_args.train_file}", file=sys.stderr)
         return 2
 
+    if feature_cache is not None and args.should_log:
+        print(f"image features from the cache {data_args.feature_cache} ({len(feature_cache)} images, "
+              f"{feature_cache.manifest['dtype']}): the vision tower is not run")
     peft_model = apply_lora(
         model,
         r=lora_args.lora_r,

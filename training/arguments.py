@@ -33,7 +33,8 @@ class DataArguments:
     train_file: str | None = field(default=None, metadata={"help": "processed JSONL (default: data.output)"})
     eval_file: str | None = field(default=None, metadata={"help": "validation JSONL (default: written beside data.output)"})
     max_length: int = field(default=2048, metadata={"help": "tokens per sample, image placeholders included"})
-    feature_cache: str | None = field(default=None, metadata={"help": "folder of precomputed CLIP features"})
+    feature_cache: str | None = field(default=None, metadata={
+        "help": "folder of CLIP features from `process_image.py --cache-features` (empty: decode the images)"})
 
 
 @dataclass
