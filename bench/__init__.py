@@ -1,1 +1,1 @@
-"""Benchmarks, run from the repository root as modules: `python -m bench.data`, `python -m bench.train_step`, ..."""
+"""Benchmarks (not tests): `python bench/train_step.py`, `python bench/generate.py`, `python bench/data.py` (or `python -m bench.<name>`)."""
