@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 
 IMAGE_MARK = "<image>"
-TAG = "<|extra_0|>"
+TAG = "<|extra_0|>"  # dataset.conversation.IMAGE_TAG (not imported here: --help stays instant)
 
 
 class UsageError(Exception):
@@ -37,7 +37,9 @@ def latest_checkpoint(root: Path = Path("outputs")) -> Path:
 
 def make_query(prompt: str, n_images: int) -> str:
     """The user text with one image tag per image: at each `<image>`, or all in front."""
-    marks = prompt.count(IMAGE_MARK) + prompt.count(TAG)
+    if TAG in prompt:  # user text never becomes special tokens, and a typed tag would be read as an image slot
+        raise UsageError(f"the prompt contains {TAG}: write {IMAGE_MARK} where an image goes")
+    marks = prompt.count(IMAGE_MARK)
     if marks == 0:
         return "".join(f"{TAG}\n" for _ in range(n_images)) + prompt
     if marks != n_images:
@@ -48,7 +50,7 @@ def make_query(prompt: str, n_images: int) -> str:
 class Answerer:
     """Loads a checkpoint once; answers prompts (batched) with the shared generation path."""
 
-    def __init__(self, checkpoint: Path, device: str | None = None):
+    def __init__(self, checkpoint: Path, device: str | None = None, llm_path=None, vision_path=None):
         import torch
 
         from model import load_vlm
@@ -57,9 +59,10 @@ class Answerer:
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        self.model, self.config = load_vlm(checkpoint, dtype=dtype)
+        self.model, self.config = load_vlm(checkpoint, dtype=dtype, llm_path=llm_path, vision_path=vision_path)
         self.model.to(self.device).eval()
-        llm_path, vision_path = self.config.resolve(checkpoint)
+        recorded_llm, recorded_vision = self.config.resolve(checkpoint)
+        llm_path, vision_path = llm_path or recorded_llm, vision_path or recorded_vision
         self.tokenizer = QWenTokenizer.from_pretrained(llm_path)
         self.processor = CLIPImagePreprocessor.from_pretrained(vision_path)
 
@@ -158,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="with --batch: the JSON Lines file of answers to write")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--llm-path", help="the base QWen folder, if not where the checkpoint recorded it")
+    parser.add_argument("--vision-path", help="the CLIP folder, if not where the checkpoint recorded it")
     args = parser.parse_args(argv)
 
     from visual import ImageLoadError
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint()
         if not (checkpoint / "vlm_config.json").is_file():
             raise UsageError(f"not a checkpoint folder (no vlm_config.json): {checkpoint}")
-        answerer = Answerer(checkpoint, args.device)
+        answerer = Answerer(checkpoint, args.device, args.llm_path, args.vision_path)
         if args.batch:
             return run_batch(answerer, args)
         run_single(answerer, args)

@@ -111,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import set_seed
 
     from dataset import DataCollator, SupervisedDataset
+    from dataset.dataset import NoUsableSampleError
     from model import apply_lora, build_vlm, bundle_config_for
     from qwen import QWenTokenizer
-    from training.trainer import VLMTrainer
+    from training.trainer import VLMTrainer, check_resume_compatible
     from visual import CLIPImagePreprocessor
 
     set_seed(args.seed)
@@ -125,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = QWenTokenizer.from_pretrained(model_args.llm_path)
         # With the feature cache, items carry `image_features` instead of `pixel_values`: the tower never runs.
         processor = CLIPImagePreprocessor.from_pretrained(model_args.vision_path) if feature_cache is None else None
-        datasets = {
-            split: SupervisedDataset(
+
+        def make_dataset(path):
+            return SupervisedDataset(
                 path,
                 tokenizer,
                 processor,
@@ -136,35 +138,40 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 feature_loader=feature_cache,
             )
-            for split, path in (("train", data_args.train_file), ("eval", data_args.eval_file))
-            if path
-        }
+
+        datasets = {"train": make_dataset(data_args.train_file)}
+        if data_args.eval_file:
+            try:
+                datasets["eval"] = make_dataset(data_args.eval_file)
+            except NoUsableSampleError as e:  # e.g. val_size: 0 in the data section: train without evaluation
+                print(f"train.py: no evaluation: {e}", file=sys.stderr)
+                args.eval_strategy = "no"
+        peft_model = apply_lora(
+            model,
+            r=lora_args.lora_r,
+            alpha=lora_args.lora_alpha,
+            dropout=lora_args.lora_dropout,
+            target_modules=lora_args.lora_target_modules,
+            train_embeddings=lora_args.train_embeddings,
+            verbose=args.should_log,
+        )
+        bundle_config = bundle_config_for(model, model_args.llm_path, model_args.vision_path, model_args.system_prompt)
+        if resume:
+            check_resume_compatible(Path(resume), bundle_config, peft_model)
     except (FileNotFoundError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    if len(datasets["train"]) == 0:
-        print(f"train.py: error: no usable training sample in {data_args.train_file}", file=sys.stderr)
         return 2
 
     if feature_cache is not None and args.should_log:
         print(f"image features from the cache {data_args.feature_cache} ({len(feature_cache)} images, "
               f"{feature_cache.manifest['dtype']}): the vision tower is not run")
-    peft_model = apply_lora(
-        model,
-        r=lora_args.lora_r,
-        alpha=lora_args.lora_alpha,
-        dropout=lora_args.lora_dropout,
-        target_modules=lora_args.lora_target_modules,
-        train_embeddings=lora_args.train_embeddings,
-        verbose=args.should_log,
-    )
     trainer = VLMTrainer(
         model=peft_model,
         args=args,
         train_dataset=datasets["train"],
         eval_dataset=datasets.get("eval"),
         data_collator=DataCollator(pad_token_id=tokenizer.pad_token_id),
-        bundle_config=bundle_config_for(model, model_args.llm_path, model_args.vision_path, model_args.system_prompt),
+        bundle_config=bundle_config,
         projector_learning_rate=args.projector_learning_rate,
     )
     if resume and args.should_log:
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Resuming from {resume} at step {step}")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # the final bundle, in output_dir itself
-    if "eval" in datasets and len(datasets["eval"]) > 0:
+    if "eval" in datasets:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)

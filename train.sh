@@ -7,8 +7,9 @@
 #   bash train.sh --deepspeed configs/zero2.json    # DeepSpeed ZeRO-2 (pip install deepspeed)
 #
 # One process (CPU, or one GPU) runs `python train.py`; several (NPROC, default: the visible GPUs) run
-# `torchrun --nproc_per_node NPROC train.py`. For the real recipe the seed hyper-parameters below are the
-# defaults, each overridable from the environment (LORA_R=32 bash train.sh) or by a flag after train.sh.
+# `torchrun --nproc_per_node NPROC train.py`. The hyper-parameters come from the config (the seed recipe's
+# are in configs/qwen7b_coco.yaml); LORA_R, LORA_ALPHA, LORA_DROPOUT, LR, PROJECTOR_LR, EPOCHS, BATCH_SIZE,
+# GRAD_ACCUM and SAVE_STEPS in the environment override them, and so does any train.py flag after train.sh.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -31,28 +32,26 @@ if [ -z "${NPROC:-}" ]; then
   fi
 fi
 
-RECIPE=()
 if grep -q '^demo:' "$CONFIG"; then
   # The demo builds its own tiny checkpoints and synthetic data, then preprocesses them like real data.
   "$PYTHON" -m demo.prepare --config "$CONFIG"
   "$PYTHON" process_image.py --config "$CONFIG"
-else
-  # The seed recipe of the real run (one epoch over ~77k LLaVA + 50k AIC samples).
-  RECIPE=(
-    --lora_r "${LORA_R:-64}" --lora_alpha "${LORA_ALPHA:-16}" --lora_dropout "${LORA_DROPOUT:-0.05}"
-    --learning_rate "${LR:-2e-4}" --projector_learning_rate "${PROJECTOR_LR:-1e-3}"
-    --num_train_epochs "${EPOCHS:-1}" --per_device_train_batch_size "${BATCH_SIZE:-8}"
-    --gradient_accumulation_steps "${GRAD_ACCUM:-2}" --save_steps "${SAVE_STEPS:-500}"
-  )
 fi
+
+# Environment overrides of the config's hyper-parameters, passed only when set (flags after train.sh win too).
+OVERRIDES=()
+add() { if [ -n "${!1:-}" ]; then OVERRIDES+=("$2" "${!1}"); fi; }
+add LORA_R --lora_r; add LORA_ALPHA --lora_alpha; add LORA_DROPOUT --lora_dropout
+add LR --learning_rate; add PROJECTOR_LR --projector_learning_rate; add EPOCHS --num_train_epochs
+add BATCH_SIZE --per_device_train_batch_size; add GRAD_ACCUM --gradient_accumulation_steps; add SAVE_STEPS --save_steps
 
 if [ "$NPROC" -gt 1 ]; then
   LAUNCH=(torchrun --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29500}")
 else
   LAUNCH=("$PYTHON")
 fi
-"${LAUNCH[@]}" train.py --config "$CONFIG" ${RECIPE[@]+"${RECIPE[@]}"} "$@"
+"${LAUNCH[@]}" train.py --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} "$@"
 
 if grep -q '^demo:' "$CONFIG"; then
-  "$PYTHON" -m demo.evaluate --config "$CONFIG"
+  "$PYTHON" -m demo.evaluate --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} "$@"
 fi

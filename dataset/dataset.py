@@ -111,6 +111,10 @@ def choose_candidates(turns: Sequence[dict[str, Any]], *, seed: int, epoch: int,
 # --------------------------------------------------------------------------------------------------
 
 
+class NoUsableSampleError(ValueError):
+    """A data file with no sample that can be used (empty, or every sample too long for max_length)."""
+
+
 class SupervisedDataset(Dataset):
     """Samples of one JSONL file as {"input_ids", "labels", "pixel_values"} (or "image_features").
 
@@ -181,7 +185,7 @@ class SupervisedDataset(Dataset):
                 self.path, len(self), self.num_truncated, max_length, len(self.unusable),
             )
         if not len(self):
-            raise ValueError(f"{self.path}: no usable sample ({len(self.unusable)} too long for max_length={max_length})")
+            raise NoUsableSampleError(f"{self.path}: no usable sample ({len(self.unusable)} too long for max_length={max_length})")
 
     def __len__(self) -> int:
         return len(self.lengths)

@@ -25,6 +25,7 @@ BLANK = "mean grey (CLIP's mean colour: zeros after normalisation)"
 
 
 def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64) -> dict:
+    from dataset.conversation import IMAGE_TAG
     from dataset.synthetic import normalise_answer
     from model import load_vlm
     from model.generation import Prompt, generate_answers
@@ -48,7 +49,7 @@ def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64) -> dict
     for mode, override in (("with_image", None), ("blind", torch.zeros_like)):
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            prompts = [Prompt(f"<|extra_0|>\n{q['question']}", [image]) for image, q in chunk]
+            prompts = [Prompt(f"{IMAGE_TAG}\n{q['question']}", [image]) for image, q in chunk]
             answers = generate_answers(
                 model, tokenizer, processor, prompts, system=config.system_prompt,
                 num_image_tokens=config.num_image_tokens, max_new_tokens=12, pixel_override=override,

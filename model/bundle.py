@@ -49,6 +49,7 @@ class BundleConfig:
     image_token_id: int = IMAGE_TOKEN_ID
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     merged: bool = False  # True: QWen weights with the LoRA folded in live in the folder itself
+    adapter: bool = False  # True: the folder holds a LoRA adapter (adapter_config.json + adapter_model.safetensors)
     format: str = BUNDLE_FORMAT
 
     def save(self, folder: Path) -> None:
@@ -129,8 +130,10 @@ def save_bundle(model, folder: str | os.PathLike, config: BundleConfig) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=folder))
     try:
-        if hasattr(model, "peft_config"):
+        has_adapter = hasattr(model, "peft_config")
+        if has_adapter:
             model.save_pretrained(staging, safe_serialization=True)
+        config = dataclasses.replace(config, adapter=has_adapter)
         projector = unwrap(model).projector
         save_file({k: v.detach().float().contiguous() for k, v in projector.state_dict().items()},
                   str(staging / PROJECTOR_FILE), metadata={"format": "pt"})
@@ -192,7 +195,10 @@ def load_vlm(
             f"{vision_path or recorded_vision} gives {model.vision_tower.num_patches}"
         )
     load_projector(model, folder)
-    if not config.merged and (folder / ADAPTER_CONFIG_FILE).is_file():
+    if config.adapter and not config.merged:
+        for name in (ADAPTER_CONFIG_FILE, "adapter_model.safetensors"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder}: the bundle's LoRA adapter is missing ({name})")
         from peft import PeftModel
 
         with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing

@@ -1,6 +1,6 @@
 """Fold the LoRA into the base weights and export a standalone folder that loads without peft.
 
-    python -m model.export --checkpoint outputs/demo/checkpoint-final --output exported/
+    python -m model.export --checkpoint outputs/demo --output exported/
 
 The output holds the QWen weights in the official Qwen-7B layout (the base model's config.json,
 generation_config.json, tokenizer files, sharded safetensors with the official tensor names), so any
@@ -80,7 +80,7 @@ def export_merged(
             for shard in sorted(vision_path.glob("model-*-of-*.safetensors")):
                 shutil.copy2(shard, staging / "vision" / shard.name)
         merged = dataclasses.replace(
-            config, llm_path=".", vision_path="vision" if copy_vision else str(vision_path), merged=True
+            config, llm_path=".", vision_path="vision" if copy_vision else str(vision_path), merged=True, adapter=False
         )
         merged.save(staging)
         if output.exists():

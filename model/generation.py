@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from dataset.conversation import build_prompt_ids
+from dataset.collator import DataCollator
+from dataset.conversation import IMAGE_TAG, build_prompt_ids
 from qwen import stop_token_ids
+from qwen.chat_format import decode_response
 from qwen.tokenization_qwen import SPECIAL_START_ID
-
-IMAGE_TAG = "<|extra_0|>"
 
 
 class AllowedTokens(LogitsProcessor):
@@ -49,23 +49,18 @@ class Prompt:
 
 
 def prompt_tensors(prompts: list[Prompt], tokenizer, processor, system: str, num_image_tokens: int):
-    """Left-padded input_ids, attention_mask and the concatenated pixel_values of a batch of prompts."""
-    rows, pixels = [], []
+    """Left-padded input_ids, attention_mask (from lengths) and the concatenated pixel_values of a batch."""
+    items = []
     for p in prompts:
         n_tags = p.query.count(IMAGE_TAG) + sum(q.count(IMAGE_TAG) for q, _ in p.history or [])
         if n_tags != len(p.images):
             raise ValueError(f"the prompt has {n_tags} image tag(s) but {len(p.images)} image(s) were given")
-        rows.append(build_prompt_ids(tokenizer, p.query, p.history or [], system, num_image_tokens))
-        if p.images:
-            pixels.append(processor(p.images))
-    T = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, T - len(r):] = torch.tensor(r)
-        attention_mask[i, T - len(r):] = 1
-    pixel_values = torch.cat(pixels) if pixels else None
-    return input_ids, attention_mask, pixel_values
+        items.append({
+            "input_ids": build_prompt_ids(tokenizer, p.query, p.history or [], system, num_image_tokens),
+            "pixel_values": processor(p.images) if p.images else None,
+        })
+    batch = DataCollator(pad_token_id=tokenizer.pad_token_id, padding_side="left")(items)
+    return batch["input_ids"], batch["attention_mask"], batch.get("pixel_values")
 
 
 @torch.no_grad()
@@ -109,8 +104,4 @@ def generate_answers(
         logits_processor=LogitsProcessorList([AllowedTokens(allowed_token_mask(tokenizer, model.config.vocab_size))]),
         streamer=streamer,
     )
-    answers = []
-    for row in out[:, input_ids.shape[1]:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-        answers.append(tokenizer.decode(row[:cut]).strip())
-    return answers
+    return [decode_response(tokenizer, row) for row in out[:, input_ids.shape[1]:].tolist()]

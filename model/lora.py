@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 
 # Qwen's own fine-tuning targets: the fused QKV, both output projections (attention and MLP) and the two
@@ -30,6 +31,10 @@ def apply_lora(
     """
     from peft import LoraConfig, get_peft_model
 
+    available = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name.startswith("transformer.h.")}
+    unknown = [t for t in target_modules if t not in available]
+    if unknown:
+        raise ValueError(f"LoRA target(s) {unknown} match no module of QWen's blocks (available: {sorted(available)})")
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -44,6 +49,9 @@ def apply_lora(
         peft_model = get_peft_model(model, config)
     base = peft_model.get_base_model()
     base.projector.requires_grad_(True)
+    for name, p in peft_model.named_parameters():  # trained copies of wte/lm_head: fp32 master weights too
+        if p.requires_grad and "modules_to_save" in name and p.dtype != torch.float32:
+            p.data = p.data.float()
     if base.vision_tower is not None:
         base.vision_tower.requires_grad_(False)
     if verbose:

@@ -57,7 +57,6 @@ def make_context(
     query: str,
     history: History | None = None,
     system: str = "",
-    *,
     max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
     chat_format: str = "chatml",
 ) -> tuple[str, list[int]]:

@@ -249,8 +249,9 @@ class QWenPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["QWenBlock"]
     _supports_sdpa = True
     _supports_flash_attn = True
-    # The Trainer must divide the loss by the gradient-accumulation steps itself (ENV-NOTES).
-    accepts_loss_kwargs = False
+    # forward takes `num_items_in_batch` and normalises the loss by it: the Trainer then weighs every supervised
+    # token equally across gradient-accumulation steps and ranks (and does not divide by the steps again).
+    accepts_loss_kwargs = True
 
     def _init_weights(self, module: nn.Module) -> None:
         """The original's init: N(0, initializer_range), zero biases, unit norms, scaled residual projections."""
@@ -405,18 +406,24 @@ class QWenModel(QWenPreTrainedModel):
         )
 
 
-def causal_lm_loss(hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose label is not -100, computing logits only there.
+def causal_lm_loss(
+    hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: nn.Linear, num_items_in_batch=None
+) -> torch.Tensor:
+    """Next-token cross-entropy over positions whose label is not -100, computing logits only there.
 
     Equal to shifting full logits and calling cross_entropy(ignore_index=-100), without materialising
-    [B, T, vocab] (151936 columns: about 1.2 GB of fp32 logits per 2k-token sample). An all-ignored batch
-    gives 0 (with a graph), not NaN.
+    [B, T, vocab] (151936 columns: about 1.2 GB of fp32 logits per 2k-token sample). The sum is divided by
+    `num_items_in_batch` when the Trainer gives it (the supervised tokens of the whole optimizer step, over
+    gradient-accumulation steps and ranks), so every token weighs the same however the batch is split; else
+    by this batch's own count. An all-ignored batch gives 0 (with a graph), not NaN.
     """
     shift_labels = labels[:, 1:]
     keep = shift_labels != -100  # [B, T-1]
     picked = hidden_states[:, :-1][keep]  # [N, hidden]
     logits = lm_head(picked).float()  # [N, vocab]
     total = F.cross_entropy(logits, shift_labels[keep], reduction="sum")
+    if num_items_in_batch is not None:
+        return total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
     return total / keep.sum().clamp(min=1)
 
 
@@ -455,6 +462,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         return_logits: bool = True,
         logits_to_keep: int = 0,
+        num_items_in_batch=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Standard causal-LM forward. With `labels`, the loss is computed from the supervised positions only;
@@ -468,7 +476,9 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
         )
         hidden_states = outputs.last_hidden_state
-        loss = causal_lm_loss(hidden_states, labels, self.lm_head) if labels is not None else None
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(hidden_states, labels, self.lm_head, num_items_in_batch)
         logits = None
         if return_logits or labels is None:
             kept = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states

@@ -305,3 +305,26 @@ def test_missing_and_unexpected_tensors_are_named(ckpt, tmp_path):
     extra = _copy_with(ckpt, tmp_path / "extra", edit_weights=lambda sd: sd.update({"transformer.h.0.attn.extra": torch.zeros(2)}))
     with pytest.raises(ValueError, match=r"unexpected tensors.*transformer\.h\.0\.attn\.extra"):
         QWenLMHeadModel.from_pretrained(extra)
+
+
+def test_token_weighted_loss_across_micro_batches(ckpt):
+    """With num_items_in_batch (what the Trainer passes), two micro-batches with different numbers of supervised
+    tokens give exactly the gradient of the whole batch: every token weighs the same."""
+    model = QWenLMHeadModel.from_pretrained(ckpt).train()
+    x = ids(4, 10, seed=60)
+    labels = x.clone()
+    labels[0, :8] = -100  # 1 supervised token in row 0, 9 in each other row
+    labels[1, :2] = -100
+    model(x, labels=labels).loss.backward()
+    whole = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    n_items = (labels[:, 1:] != -100).sum()
+    for rows in (slice(0, 2), slice(2, 4)):
+        model(x[rows], labels=labels[rows], num_items_in_batch=n_items).loss.backward()
+    for name, grad in whole.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-7, rtol=1e-5, msg=name)
+    # the mean of the two micro-batch means is a different objective: it would not match
+    model.zero_grad()
+    for rows in (slice(0, 2), slice(2, 4)):
+        (model(x[rows], labels=labels[rows]).loss / 2).backward()
+    assert (model.get_parameter("lm_head.weight").grad - whole["lm_head.weight"]).abs().max() > 1e-6

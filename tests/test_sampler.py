@@ -118,3 +118,12 @@ def test_rejects_bad_arguments():
         LengthGroupedSampler([], 4)
     with pytest.raises(ValueError):
         LengthGroupedSampler([1, 2], 0)
+
+
+def test_without_grouping_batches_are_the_seeded_permutation_in_order():
+    lengths = np.arange(100) * 7 % 53 + 1
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=5, group_by_length=False)
+    sampler.set_epoch(2)
+    order = np.random.default_rng([5, 2]).permutation(100).tolist()
+    assert list(sampler) == order  # no sorting, no longest-first swap
+    assert sampler.batches() == [order[i:i + 8] for i in range(0, 100, 8)]

@@ -99,11 +99,60 @@ def test_train_saves_bundles_resumes_exactly_and_infer_loads_a_checkpoint(projec
                                atol=1e-5, rtol=1e-4)
     assert (project / "a" / "eval_results.json").is_file()
 
+    # infer.py answers from a mid-run checkpoint exactly what the loaded bundle generates in-process
+    from model import load_vlm
+    from model.generation import Prompt, generate_answers
+    from qwen import QWenTokenizer
+    from visual import CLIPImagePreprocessor, load_image
+
     image = next((project / "raw" / "heldout_images").iterdir())
     answer = run("infer.py", "--checkpoint", str(project / "a" / "checkpoint-3"), "--image", str(image),
-                 "--prompt", "What colour is the shape?", "--max-new-tokens", "4")
+                 "--prompt", "What colour is the shape?", "--max-new-tokens", "6")
     assert answer.returncode == 0, answer.stderr[-2000:]
-    assert answer.stdout.strip() != "" or answer.stdout == "\n"
+    model, cfg = load_vlm(project / "a" / "checkpoint-3")
+    llm_path, vision_path = cfg.resolve(project / "a" / "checkpoint-3")
+    expected = generate_answers(
+        model.eval(), QWenTokenizer.from_pretrained(llm_path), CLIPImagePreprocessor.from_pretrained(vision_path),
+        [Prompt("<|extra_0|>\nWhat colour is the shape?", [load_image(image)])], system=cfg.system_prompt,
+        num_image_tokens=cfg.num_image_tokens, max_new_tokens=6,
+    )[0]
+    assert answer.stdout == expected + "\n"
+
+    # resuming with another LoRA shape is refused before anything runs
+    other = run("train.py", "--config", str(config), "--output_dir", str(project / "c"), "--lora_r", "8",
+                "--resume_from_checkpoint", str(project / "a" / "checkpoint-3"))
+    assert other.returncode == 2 and "LoRA r: checkpoint 4 vs now 8" in other.stderr
+    assert not (project / "c").exists()
+
+
+def test_gradient_accumulation_weighs_every_token_the_same(project):
+    """One SGD step on 4 samples: batch 4 at once, or 2 x 2 with gradient accumulation, lands on the same weights
+    (the micro-batches hold different numbers of supervised tokens)."""
+    common = ["--config", str(project / "config.yaml"), "--max_steps", "1", "--optim", "sgd", "--max_grad_norm", "0",
+              "--train_sampling_strategy", "random", "--learning_rate", "0.5", "--projector_learning_rate", "0.5",
+              "--eval_strategy", "no"]
+    for name, batch, accumulation in (("ga1", "4", "1"), ("ga2", "2", "2")):
+        result = run("train.py", *common, "--output_dir", str(project / name), "--per_device_train_batch_size", batch,
+                     "--gradient_accumulation_steps", accumulation)
+        assert result.returncode == 0, result.stderr[-3000:]
+    for file in ("adapter_model.safetensors", "projector.safetensors"):
+        one, two = load_file(str(project / "ga1" / file)), load_file(str(project / "ga2" / file))
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=1e-4, msg=key)
+
+
+def test_load_best_model_at_end_restores_adapter_and_projector(project):
+    out = project / "best"
+    result = run("train.py", "--config", str(project / "config.yaml"), "--output_dir", str(out), "--max_steps", "3",
+                 "--eval_strategy", "steps", "--eval_steps", "1", "--save_steps", "1", "--load_best_model_at_end", "true",
+                 "--metric_for_best_model", "eval_loss", "--greater_is_better", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = Path(json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["best_model_checkpoint"])
+    assert best.name != "checkpoint-3"  # the highest eval loss is an early one: the test is not vacuous
+    for file in ("adapter_model.safetensors", "projector.safetensors"):
+        final, chosen = load_file(str(out / file)), load_file(str(out / best.name / file))
+        for key in final:
+            torch.testing.assert_close(final[key], chosen[key], atol=0, rtol=0, msg=f"{file}:{key}")
 
 
 @pytest.mark.parametrize(
@@ -112,6 +161,7 @@ def test_train_saves_bundles_resumes_exactly_and_infer_loads_a_checkpoint(projec
         ({"model": {"llm_path": "/nowhere/qwen"}}, "model.llm_path: folder not found: /nowhere/qwen"),
         ({"data": {"output": "/nowhere/train.jsonl"}}, "processed training data not found: /nowhere/train.jsonl"),
         ({"training": {"learning_rat": 1.0}}, "unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
+        ({"lora": {"lora_target_modules": ["c_atn", "w1"]}}, "LoRA target(s) ['c_atn'] match no module"),
     ],
 )
 def test_bad_input_is_one_clear_message_and_writes_nothing(project, tmp_path, change, message):
