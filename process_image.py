@@ -53,6 +53,12 @@ def check_feature_cache_config(config_path: str, cache_folder: str | None, rebui
     model = load_model_config(config_path)
     if not os.path.isdir(model.vision_path):
         raise PathError(f"model.vision_path: folder not found: {model.vision_path}")
+    from visual.clip_tower import CheckpointError, inspect_checkpoint
+
+    try:  # the weights too, from their headers: a broken CLIP folder fails now, not after the whole data pass
+        inspect_checkpoint(model.vision_path)
+    except CheckpointError as e:
+        raise PathError(f"model.vision_path: {e}") from e
     try:
         check_reusable(cache_folder, cache_identity(model.vision_path, model.vision_feature_layer), rebuild)
     except FeatureCacheError as e:

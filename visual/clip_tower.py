@@ -122,6 +122,27 @@ def _resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
     return feature_layer % (num_layers + 1)
 
 
+def inspect_checkpoint(folder: Path) -> tuple[CLIPVisionConfig, list[Path], dict]:
+    """Check a CLIP checkpoint folder from its config and the safetensors headers alone (no tensor is read):
+    -> (vision config, weight files, vision tensor locations). Raises CheckpointError naming the problem."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"CLIP checkpoint folder {folder} does not exist (weights load from local folders only)")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"CLIP checkpoint {folder}: config.json is missing")
+    model_type = _read_json(config_file, folder).get("model_type")
+    if model_type not in ("clip", "clip_vision_model"):
+        raise CheckpointError(
+            f"CLIP checkpoint {folder}: config.json has model_type {model_type!r}, expected 'clip' or 'clip_vision_model'"
+        )
+    config = CLIPVisionConfig.from_pretrained(folder, local_files_only=True)
+    files = _safetensors_files(folder)
+    found = _vision_tensor_locations(files)
+    _check_vision_tensors(folder, config, found)
+    return config, files, found
+
+
 class CLIPVisionTower(nn.Module):
     """Frozen CLIP ViT: `forward(pixel_values [N, 3, S, S]) -> [N, num_patches, hidden_size]`."""
 
@@ -163,24 +184,7 @@ class CLIPVisionTower(nn.Module):
         `dtype` defaults to float32 whatever the file stores; pass torch.bfloat16 for GPU training.
         """
         folder = Path(checkpoint_dir)
-        if not folder.is_dir():
-            raise CheckpointError(
-                f"CLIP checkpoint folder {folder} does not exist (weights load from local folders only)"
-            )
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise CheckpointError(f"CLIP checkpoint {folder}: config.json is missing")
-        model_type = _read_json(config_file, folder).get("model_type")
-        if model_type not in ("clip", "clip_vision_model"):
-            raise CheckpointError(
-                f"CLIP checkpoint {folder}: config.json has model_type {model_type!r}, expected 'clip' or 'clip_vision_model'"
-            )
-        config = CLIPVisionConfig.from_pretrained(folder, local_files_only=True)
-
-        files = _safetensors_files(folder)
-        found = _vision_tensor_locations(files)
-        _check_vision_tensors(folder, config, found)
-
+        config, files, found = inspect_checkpoint(folder)
         tower = cls(config, feature_layer=feature_layer, select_feature=select_feature)
         if dtype is not None:
             tower.to(dtype)
