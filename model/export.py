@@ -15,12 +15,12 @@ import dataclasses
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from fileio import staged_folder
 from qwen.checkpoint import INDEX_FILE, SINGLE_FILE, save_sharded_safetensors
 
 from .bundle import PROJECTOR_FILE, load_vlm
@@ -59,9 +59,7 @@ def export_merged(
     llm_path, vision_path = (Path(p) for p in config.resolve(checkpoint))
     dtype = dtype or checkpoint_dtype(llm_path)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_folder(output) as staging:
         for name in BASE_FILES:
             if (llm_path / name).is_file():
                 shutil.copy2(llm_path / name, staging / name)
@@ -83,12 +81,6 @@ def export_merged(
             config, llm_path=".", vision_path="vision" if copy_vision else str(vision_path), merged=True, adapter=False
         )
         merged.save(staging)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output
 
 

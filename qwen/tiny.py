@@ -14,10 +14,11 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from fileio import staged_folder
 
 from .checkpoint import save_sharded_safetensors
 
@@ -155,9 +156,7 @@ def write_tiny_qwen_checkpoint(
         state_dict = random_qwen_state_dict(config, seed=seed, bias_std=bias_std)
     state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_folder(path) as staging:
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (staging / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
         (staging / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
@@ -168,10 +167,4 @@ def write_tiny_qwen_checkpoint(
             from .tiny_vocab import write_tiny_vocab
 
             write_tiny_vocab(staging / "qwen.tiktoken")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path

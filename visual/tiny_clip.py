@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+from fileio import staged_folder
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -172,23 +172,10 @@ def write_tiny_clip_checkpoint(
     )
     state_dict = random_clip_state_dict(config, seed=seed, position_embedding_scale=position_embedding_scale)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; a checkpoint folder is ordinary data
-    try:
+    with staged_folder(path) as staging:
         config.to_json_file(staging / "config.json")
         save_file(state_dict, staging / "model.safetensors", metadata={"format": "pt"})
         with open(staging / "preprocessor_config.json", "w") as f:
             json.dump(preprocessor_config(image_size), f, indent=2)
             f.write("\n")
-        if path.exists():  # overwrite=True: move the old folder aside only once the new one is complete
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
