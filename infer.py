@@ -15,82 +15,39 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 from pathlib import Path
 
-IMAGE_MARK = "<image>"
-TAG = "<|extra_0|>"  # dataset.conversation.IMAGE_TAG (not imported here: --help stays instant)
+from common.fileio import write_text
 
 
 class UsageError(Exception):
     """Bad input from the command line; printed as one line, exit status 2."""
 
 
-def latest_checkpoint(root: Path = Path("outputs")) -> Path:
-    found = sorted(root.glob("**/vlm_config.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
-    if not found:
-        raise UsageError(f"no trained checkpoint found under {root}/ (run `bash train.sh`, or pass --checkpoint DIR)")
-    return found[-1].parent
+def prompts_of(items: list[tuple[str, list[str]]]):
+    """Typed (prompt, image paths) pairs -> generation prompts, images loaded (ImageLoadError, PromptError)."""
+    from inference import Prompt, query_with_images
+    from visual import load_image
+
+    return [Prompt(query_with_images(text, len(paths)), [load_image(p) for p in paths]) for text, paths in items]
 
 
-def make_query(prompt: str, n_images: int) -> str:
-    """The user text with one image tag per image: at each `<image>`, or all in front."""
-    if TAG in prompt:  # user text never becomes special tokens, and a typed tag would be read as an image slot
-        raise UsageError(f"the prompt contains {TAG}: write {IMAGE_MARK} where an image goes")
-    marks = prompt.count(IMAGE_MARK)
-    if marks == 0:
-        return "".join(f"{TAG}\n" for _ in range(n_images)) + prompt
-    if marks != n_images:
-        raise UsageError(f"the prompt has {marks} {IMAGE_MARK} mark(s) but {n_images} image(s) were given")
-    return prompt.replace(IMAGE_MARK, TAG)
-
-
-class Answerer:
-    """Loads a checkpoint once; answers prompts (batched) with the shared generation path."""
-
-    def __init__(self, checkpoint: Path, device: str | None = None, llm_path=None, vision_path=None):
-        import torch
-
-        from model import load_vlm
-        from qwen import QWenTokenizer
-        from visual import CLIPImagePreprocessor
-
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        self.model, self.config = load_vlm(checkpoint, dtype=dtype, llm_path=llm_path, vision_path=vision_path)
-        self.model.to(self.device).eval()
-        recorded_llm, recorded_vision = self.config.resolve(checkpoint)
-        llm_path, vision_path = llm_path or recorded_llm, vision_path or recorded_vision
-        self.tokenizer = QWenTokenizer.from_pretrained(llm_path)
-        self.processor = CLIPImagePreprocessor.from_pretrained(vision_path)
-
-    def answer(self, items: list[tuple[str, list[str]]], *, system: str | None, streamer=None, **gen) -> list[str]:
-        from model.generation import Prompt, generate_answers
-        from visual import load_image
-
-        prompts = [Prompt(make_query(text, len(paths)), [load_image(p) for p in paths]) for text, paths in items]
-        return generate_answers(
-            self.model, self.tokenizer, self.processor, prompts,
-            system=self.config.system_prompt if system is None else system,
-            num_image_tokens=self.config.num_image_tokens, streamer=streamer, **gen,
-        )
-
-
-def run_single(answerer: Answerer, args) -> None:
-    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+def run_single(loaded, args) -> None:
+    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "system": args.system}
+    prompts = prompts_of([(args.prompt, args.image)])
     if not args.stream:
-        print(answerer.answer([(args.prompt, args.image)], system=args.system, **gen)[0])
+        print(loaded.generate(prompts, **gen)[0])
         return
     from transformers import TextIteratorStreamer
 
-    streamer = TextIteratorStreamer(answerer.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     errors = []
 
     def work():
         try:
-            answerer.answer([(args.prompt, args.image)], system=args.system, streamer=streamer, **gen)
+            loaded.generate(prompts, streamer=streamer, **gen)
         except Exception as e:  # reported after the stream closes
             errors.append(e)
             streamer.end()
@@ -105,7 +62,8 @@ def run_single(answerer: Answerer, args) -> None:
         raise errors[0]
 
 
-def run_batch(answerer: Answerer, args) -> int:
+def run_batch(loaded, args) -> int:
+    from inference import PromptError
     from visual import ImageLoadError
 
     source = Path(args.batch)
@@ -121,13 +79,13 @@ def run_batch(answerer: Answerer, args) -> int:
             jobs.append((item_id, row["prompt"], list(row.get("images", []))))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             results.append({"id": n, "error": f"line {n}: not a {{prompt, images}} object ({e})"})
-    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-    bad_input = (ImageLoadError, UsageError, ValueError)
+    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "system": args.system}
+    bad_input = (ImageLoadError, PromptError, ValueError)
 
     def answer_all(chunk) -> list:
         """Answers (or the exception of a bad line) for a chunk; a failing batch is retried line by line."""
         try:
-            return answerer.answer([(prompt, images) for _, prompt, images in chunk], system=args.system, **gen)
+            return loaded.generate(prompts_of([(prompt, images) for _, prompt, images in chunk]), **gen)
         except bad_input as e:
             if len(chunk) == 1:
                 return [e]
@@ -139,10 +97,7 @@ def run_batch(answerer: Answerer, args) -> int:
             key = "error" if isinstance(value, Exception) else "answer"
             results.append({"id": item_id, key: str(value)})
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
     failed = sum("error" in r for r in results)
     print(f"answered {len(results) - failed} of {len(results)} prompts -> {out}" + (f" ({failed} failed)" if failed else ""))
     return 0
@@ -165,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-path", help="the CLIP folder, if not where the checkpoint recorded it")
     args = parser.parse_args(argv)
 
+    # Imported after the arguments are parsed: torch and transformers take seconds, `--help` should not.
+    from inference import latest_checkpoint, load_checkpoint, query_with_images
     from visual import ImageLoadError
 
     try:
@@ -174,17 +131,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.prompt is None:
             raise UsageError("--prompt is required (or --batch FILE --output FILE)")
         else:
-            make_query(args.prompt, len(args.image))  # a wrong <image> count fails before the model loads
+            query_with_images(args.prompt, len(args.image))  # a wrong <image> count fails before the model loads
             for path in args.image:
                 if not Path(path).is_file():
                     raise UsageError(f"image not found: {path}")
         checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint()
-        if not (checkpoint / "vlm_config.json").is_file():
-            raise UsageError(f"not a checkpoint folder (no vlm_config.json): {checkpoint}")
-        answerer = Answerer(checkpoint, args.device, args.llm_path, args.vision_path)
+        loaded = load_checkpoint(checkpoint, device=args.device, llm_path=args.llm_path, vision_path=args.vision_path)
         if args.batch:
-            return run_batch(answerer, args)
-        run_single(answerer, args)
+            return run_batch(loaded, args)
+        run_single(loaded, args)
         return 0
     except (UsageError, ImageLoadError, FileNotFoundError, ValueError) as e:
         print(f"infer.py: error: {e}", file=sys.stderr)

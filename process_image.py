@@ -19,9 +19,7 @@ import argparse
 import os
 import sys
 
-from dataprocess.pipeline import PathError, process, report_path
-from dataprocess.report import format_report
-from settings import ConfigError, ModelConfig, load_data_config, load_model_config
+from settings import ConfigError, ModelConfig, load_config
 
 
 def parse_args(argv: list[str] | None):
@@ -44,17 +42,18 @@ def parse_args(argv: list[str] | None):
     return args
 
 
-def check_feature_cache_config(config_path: str, cache_folder: str | None, rebuild: bool) -> ModelConfig:
+def check_feature_cache_config(config, rebuild: bool) -> ModelConfig:
     """Before any processing: the model section and the cache folder can give a cache (ConfigError/PathError)."""
     from dataprocess.features import FeatureCacheError, cache_identity, check_reusable
-
-    if not cache_folder:
-        raise ConfigError(f"{config_path}: data.feature_cache: set it to a folder to use --cache-features")
-    model = load_model_config(config_path)
-    if not os.path.isdir(model.vision_path):
-        raise PathError(f"model.vision_path: folder not found: {model.vision_path}")
+    from dataprocess.pipeline import PathError
     from visual.clip_tower import CheckpointError, inspect_checkpoint
 
+    cache_folder = config.data.feature_cache
+    if not cache_folder:
+        raise ConfigError(f"{config.path}: data.feature_cache: set it to a folder to use --cache-features")
+    model = config.require("model")
+    if not os.path.isdir(model.vision_path):
+        raise PathError(f"model.vision_path: folder not found: {model.vision_path}")
     try:  # the weights too, from their headers: a broken CLIP folder fails now, not after the whole data pass
         inspect_checkpoint(model.vision_path)
     except CheckpointError as e:
@@ -81,10 +80,14 @@ def cache_features(cfg, model: ModelConfig, rebuild: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Imported after the arguments are parsed: the image code imports torch (seconds), `--help` should not.
+    from dataprocess.pipeline import PathError, process, report_path
+    from dataprocess.report import format_report
+
     try:
-        cfg = load_data_config(args.config)
-        model = check_feature_cache_config(args.config, cfg.feature_cache, args.rebuild_features) if (
-            args.cache_features) else None
+        config = load_config(args.config, sections=("data", "model") if args.cache_features else ("data",))
+        cfg = config.require("data")
+        model = check_feature_cache_config(config, args.rebuild_features) if args.cache_features else None
         result = process(cfg)
     except (ConfigError, PathError) as e:
         print(f"error: {e}", file=sys.stderr)

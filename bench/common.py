@@ -14,7 +14,14 @@ import platform
 import resource
 import time
 
+import peft
 import torch
+import transformers
+from transformers import CLIPVisionConfig
+
+from model import QWenVLForCausalLM
+from qwen import IMAGE_TOKEN_ID, QWenConfig
+from visual import CLIPVisionTower
 
 SIZES = {
     "7b": {
@@ -61,21 +68,12 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def versions() -> dict:
-    import peft
-    import transformers
-
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version()}
 
 
 def build_random_vlm(size: str, device: torch.device, dtype: torch.dtype):
     """A QWenVLForCausalLM of the named size with random weights, built directly on `device` in `dtype`."""
-    from transformers import CLIPVisionConfig
-
-    from model import IMAGE_TOKEN_ID, QWenVLForCausalLM
-    from qwen import QWenConfig
-    from visual import CLIPVisionTower
-
     spec = SIZES[size]
     vision_config = CLIPVisionConfig(**spec["clip"])
     config = QWenConfig(**spec["qwen"])
@@ -109,8 +107,6 @@ def synthetic_batch(batch: int, seq_len: int, n_image_tokens: int, image_size: i
                     device: torch.device, dtype: torch.dtype, vocab: int = 151643, seed: int = 0) -> dict:
     """One image per sample: [10 prompt tokens][n_image_tokens placeholders][text ...], the last
     `answer_frac` of the text supervised."""
-    from model import IMAGE_TOKEN_ID
-
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
     ids[:, 10:10 + n_image_tokens] = IMAGE_TOKEN_ID

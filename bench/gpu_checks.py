@@ -12,11 +12,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import device_name, emit, versions
+from qwen import QWenConfig, QWenLMHeadModel
 
 
 def main() -> dict:
-    from qwen import QWenConfig, QWenLMHeadModel
-
     assert torch.cuda.is_available(), "this check needs a CUDA device"
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

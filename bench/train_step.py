@@ -31,6 +31,7 @@ from bench.common import (
     synthetic_batch,
     versions,
 )
+from model import apply_lora
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,9 +46,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
-
-    from model import apply_lora
-
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)

@@ -16,7 +16,8 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from dataprocess.schema import ASSISTANT, BAD_ROW, IMAGE_TAG, NO_CAPTIONS, USER, Drop, Kept, make_sample
+from dataprocess.schema import ASSISTANT, BAD_ROW, NO_CAPTIONS, USER, Drop, Kept, make_sample
+from qwen import IMAGE_TAG
 
 PROMPTS = (
     "请描述这张图片。",

@@ -3,7 +3,7 @@
     python process_image.py --config config.yaml --cache-features      (into the folder `data.feature_cache`)
 
 The tower is frozen, so its output for an image never changes during training; with the cache, `train.py`
-(whenever `data.feature_cache` is set) reads `image_features` instead of decoding, preprocessing and encoding
+(whenever `data.feature_cache` is set) reads `patch_features` instead of decoding, preprocessing and encoding
 each image every epoch, and the model never runs the tower. The cost is disk: N x C values per image
 (ViT-L/14 at 224 px: 256 x 1024, 512 KB in bf16), about 40 GB for the 77k COCO images of LLaVA.
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
@@ -46,7 +45,10 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from visual.image_io import ImageLoadError, load_image
+from common.fileio import fsync_file, staged_folder, write_json
+from dataprocess.schema import read_samples
+from visual.clip_tower import CLIPVisionTower, num_image_tokens, resolve_feature_layer, vision_config
+from visual.images import CLIPImagePreprocessor, ImageLoadError, load_image
 
 CACHE_FORMAT = "clip-feature-cache/1"
 MANIFEST_FILE = "manifest.json"
@@ -75,20 +77,15 @@ class FeatureCacheError(ValueError):
 def cache_identity(vision_path: str | os.PathLike, vision_feature_layer: int) -> dict[str, Any]:
     """What determines the features: the tower's folder, the hidden_states index used, the image geometry and
     the preprocessing. Read from the checkpoint's JSON files only (no weights loaded)."""
-    from transformers import CLIPVisionConfig
-
-    from visual.clip_tower import _resolve_feature_layer
-    from visual.image_processing import CLIPImagePreprocessor
-
     folder = os.path.realpath(vision_path)
-    config = CLIPVisionConfig.from_pretrained(folder, local_files_only=True)
+    config = vision_config(folder)
     processor = CLIPImagePreprocessor.from_pretrained(folder)
     settings = {f.name: getattr(processor, f.name) for f in fields(processor) if f.init}
     return {
         "vision_path": folder,
-        "vision_feature_layer": _resolve_feature_layer(vision_feature_layer, config.num_hidden_layers),
+        "vision_feature_layer": resolve_feature_layer(vision_feature_layer, config.num_hidden_layers),
         "image_size": config.image_size,
-        "num_patches": (config.image_size // config.patch_size) ** 2,
+        "num_patches": num_image_tokens(config),
         "hidden_size": config.hidden_size,
         "preprocessor": json.loads(json.dumps(settings)),  # tuples -> lists, as read back from the manifest
     }
@@ -104,9 +101,7 @@ def identity_differences(recorded: dict[str, Any], expected: dict[str, Any]) -> 
 
 def images_of_jsonl(paths: Iterable[str | os.PathLike]) -> list[str]:
     """Every distinct image path of processed JSONL files, sorted."""
-    from dataset.dataset import read_jsonl
-
-    return sorted({image for path in paths for _, _, sample in read_jsonl(path) for image in sample["images"]})
+    return sorted({image for path in paths for _, _, sample in read_samples(path) for image in sample["images"]})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,8 +270,7 @@ class _ShardWriter:
             return
         file = SHARD_PATTERN.format(len(self.shards))
         save_file(self._pending, str(self.folder / file), metadata={"format": "pt"})
-        with open(self.folder / file, "rb") as f:
-            os.fsync(f.fileno())  # on disk before the manifest that vouches for it
+        fsync_file(self.folder / file)  # on disk before the manifest that vouches for it
         self.shards.append({"file": file, "images": len(self._pending), "bytes": (self.folder / file).stat().st_size})
         self._pending, self._pending_bytes = {}, HEADER_BYTES
 
@@ -323,9 +317,6 @@ def build_feature_cache(
     the result and in the manifest's `skipped`. Raises FeatureCacheError before any work if the folder holds
     a cache of another tower setting (unless `rebuild`) or files that are not a cache.
     """
-    from visual.clip_tower import CLIPVisionTower
-    from visual.image_processing import CLIPImagePreprocessor
-
     start = time.perf_counter()
     folder = Path(folder).absolute()
     paths = sorted(set(image_paths))
@@ -343,9 +334,25 @@ def build_feature_cache(
         dtype = dtype or default_dtype
     device, dtype = torch.device(device), dtype or torch.float32
     store_dtype = previous.dtype if previous is not None else store_dtype or dtype  # one dtype per cache
-    batch_size = batch_size or (128 if device.type == "cuda" else 16)
     to_compute = [p for p in paths if previous is None or p not in previous]
+    stream = _encode_images(to_compute, expected, vision_feature_layer, device, dtype, store_dtype,
+                            batch_size or (128 if device.type == "cuda" else 16), num_workers)
+    result = CacheResult(str(folder), reused=False, num_images=0, device=str(device), dtype=_dtype_name(store_dtype))
+    with staged_folder(folder) as staging:  # the old cache stays in place until the new one is complete
+        writer = _ShardWriter(staging, max_shard_bytes)
+        _fill(writer, paths, previous, stream, store_dtype, result, progress)
+        _finish(writer, staging, expected, vision_feature_layer, result)
+        if previous is not None:
+            previous.close()
+    result.seconds = time.perf_counter() - start
+    return result
 
+
+def _encode_images(paths: list[str], expected: dict[str, Any], vision_feature_layer: int, device: torch.device,
+                   dtype: torch.dtype, store_dtype: torch.dtype, batch_size: int, num_workers: int,
+                   ) -> Iterator[tuple[str, torch.Tensor | None, tuple[str, str] | None]]:
+    """(path, features [N, C] in store_dtype on the CPU or None, problem or None) for each path, in order:
+    images decoded by DataLoader workers, encoded by the tower in batches."""
     tower = CLIPVisionTower.from_pretrained(expected["vision_path"], feature_layer=vision_feature_layer, dtype=dtype)
     tower.to(device)
     assert (tower.num_patches, tower.hidden_size) == (expected["num_patches"], expected["hidden_size"]), (
@@ -353,94 +360,64 @@ def build_feature_cache(
         f"[{expected['num_patches']}, {expected['hidden_size']}]"
     )
     loader = DataLoader(
-        _ImageFiles(to_compute, CLIPImagePreprocessor.from_pretrained(expected["vision_path"])),
+        _ImageFiles(paths, CLIPImagePreprocessor.from_pretrained(expected["vision_path"])),
         batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list,
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
+    for batch in loader:
+        good = [x for _, x, _ in batch if x is not None]
+        feats = iter(())
+        if good:
+            pixels = torch.stack(good).to(device, non_blocking=True)  # [B, 3, S, S]
+            feats = iter(tower(pixels).to("cpu", store_dtype))  # [B, N, C]
+        for path, x, problem in batch:
+            yield path, (next(feats) if x is not None else None), problem
 
-    def computed() -> Iterator[tuple[str, torch.Tensor | None, tuple[str, str] | None]]:
-        for batch in loader:
-            good = [x for _, x, _ in batch if x is not None]
-            feats = iter(())
-            if good:
-                pixels = torch.stack(good).to(device, non_blocking=True)  # [B, 3, S, S]
-                feats = iter(tower(pixels).to("cpu", store_dtype))  # [B, N, C]
-            for path, x, problem in batch:
-                yield path, (next(feats) if x is not None else None), problem
 
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    result = CacheResult(str(folder), reused=False, num_images=0, device=str(device), dtype=_dtype_name(store_dtype))
-    try:
-        writer = _ShardWriter(tmp, max_shard_bytes)
-        stream = computed()
-        bar = tqdm(total=len(paths), desc="CLIP features", unit="img", disable=not progress, smoothing=0.05)
-        with bar:
-            for path in paths:
-                if previous is not None and path in previous:
-                    writer.add(path, previous.get(path).to(store_dtype))
-                    result.copied += 1
+def _fill(writer: _ShardWriter, paths: list[str], previous: FeatureCache | None, stream, store_dtype: torch.dtype,
+          result: CacheResult, progress: bool) -> None:
+    """Every path's features into the shards, in path order: copied from the previous cache or computed."""
+    bar = tqdm(total=len(paths), desc="CLIP features", unit="img", disable=not progress, smoothing=0.05)
+    with bar:
+        for path in paths:
+            if previous is not None and path in previous:
+                writer.add(path, previous.get(path).to(store_dtype))
+                result.copied += 1
+            else:
+                got, features, problem = next(stream)
+                assert got == path, f"feature stream out of order: {got} for {path}"
+                if features is None:
+                    reason, detail = problem
+                    result.skipped.append({"path": path, "reason": reason + (f" ({detail})" if detail else "")})
                 else:
-                    got, features, problem = next(stream)
-                    assert got == path, f"feature stream out of order: {got} for {path}"
-                    if features is None:
-                        reason, detail = problem
-                        result.skipped.append({"path": path, "reason": reason + (f" ({detail})" if detail else "")})
-                    else:
-                        writer.add(path, features)
-                        result.computed += 1
-                bar.update()
-        writer.flush()
-        result.num_images = len(writer.index)
-        _write_json(tmp / INDEX_FILE, {"format": CACHE_FORMAT, "images": writer.index})
-        mode = (tmp / INDEX_FILE).stat().st_mode & 0o777  # the umask's mode; safetensors writes 0600 files
-        for shard in writer.shards:
-            os.chmod(tmp / shard["file"], mode)
-        manifest = {
-            "format": CACHE_FORMAT,
-            **expected,
-            "vision_feature_layer_config": vision_feature_layer,
-            "dtype": result.dtype,
-            "feature_shape": [expected["num_patches"], expected["hidden_size"]],
-            "num_images": result.num_images,
-            "shards": writer.shards,
-            "skipped": result.skipped,
-        }
-        _write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete cache
-        if previous is not None:
-            previous.close()
-        _replace_folder(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    result.seconds = time.perf_counter() - start
-    return result
+                    writer.add(path, features)
+                    result.computed += 1
+            bar.update()
+    writer.flush()
+    result.num_images = len(writer.index)
+
+
+def _finish(writer: _ShardWriter, staging: Path, expected: dict[str, Any], vision_feature_layer: int,
+            result: CacheResult) -> None:
+    """The index, then the manifest, which marks the folder complete."""
+    write_json(staging / INDEX_FILE, {"format": CACHE_FORMAT, "images": writer.index}, indent=1)
+    for shard in writer.shards:
+        os.chmod(staging / shard["file"], 0o644)  # safetensors writes private files; the cache is ordinary data
+    manifest = {
+        "format": CACHE_FORMAT,
+        **expected,
+        "vision_feature_layer_config": vision_feature_layer,
+        "dtype": result.dtype,
+        "feature_shape": [expected["num_patches"], expected["hidden_size"]],
+        "num_images": result.num_images,
+        "shards": writer.shards,
+        "skipped": result.skipped,
+    }
+    write_json(staging / MANIFEST_FILE, manifest, indent=1)  # last: its presence marks a complete cache
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _write_json(path: Path, value: Any) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        json.dump(value, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace_folder(tmp: Path, folder: Path) -> None:
-    """Put the complete `tmp` at `folder`; an old `folder` is moved aside first (a folder cannot be renamed onto
-    a non-empty one), then deleted."""
-    if not folder.exists():
-        tmp.rename(folder)
-        return
-    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-    folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old)
 
 
 def format_result(result: CacheResult) -> str:

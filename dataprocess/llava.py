@@ -16,16 +16,16 @@ from typing import Any
 from dataprocess.schema import (
     ASSISTANT,
     BAD_ROW,
-    IMAGE_TAG,
     MALFORMED_TURNS,
     TAG_MISMATCH,
     USER,
     Drop,
     Kept,
-    count_user_tags,
+    count_image_tags,
     make_sample,
     turns_problem,
 )
+from qwen import IMAGE_TAG
 
 LLAVA_IMAGE_TOKEN = "<image>"
 ROLES = {"human": USER, "gpt": ASSISTANT}
@@ -92,7 +92,7 @@ def convert_row(row: Any, index: int, image_dir: str, source: str) -> Kept | Dro
     problem = turns_problem(turns)
     if problem:
         return Drop(MALFORMED_TURNS, index, raw_id, problem)
-    n_tags = count_user_tags(turns)
+    n_tags = count_image_tags(turns)
     if n_tags != len(images):
         return Drop(
             TAG_MISMATCH, index, raw_id, f"{n_tags} {LLAVA_IMAGE_TOKEN} tags for {len(images)} images"

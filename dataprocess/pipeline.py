@@ -3,7 +3,10 @@
 Steps, in order:
 1. check the `data` config and that every annotations file and image folder exists (before any work);
 2. convert each source's rows (one converter per format), dropping repeated ids within a source;
-3. decode every distinct image once (worker processes) and drop the samples with a bad image;
+3. decode every distinct image once (worker processes) and drop the samples with a bad image: the check is
+   `visual.load_image`, the reader training and inference use, so all stages agree on what a good image
+   is; JPEGs are decoded at a reduced scale (libjpeg DCT scaling; the whole file is still read and
+   entropy-decoded, so truncation is still caught) to keep a 10k px photo from costing gigabytes;
 4. split off the validation samples (deterministic from the seed) and write both files and the report,
    each to a temporary name first, then renamed: a crash never leaves a half-written output.
 Same inputs and seed give byte-identical files, whatever the number of workers.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import time
 from collections import Counter
@@ -21,15 +25,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from common.fileio import write_files
 from dataprocess.aic import convert_aic
-from dataprocess.images import check_images
 from dataprocess.llava import convert_llava
 from dataprocess.report import build_report, source_entry
 from dataprocess.schema import DUPLICATE_ID, IMAGE_MISSING, IMAGE_UNREADABLE, Drop, Kept, to_json_line
 from settings import ConfigError, DataConfig, DataSource
+from visual.images import ImageLoadError, load_image
 
 FORMATS = ("aic", "llava")
 VAL_MAX_PERCENT = 5
+CHECK_DRAFT_SIZE = (1, 1)  # smallest scale libjpeg offers (1/8 of each side)
+
+# (reason, detail) with reason from ImageLoadError ("missing", "not a file", "not an image", "corrupt",
+# "too large", or "unexpected error" for anything the reader did not classify); None for a good image.
+ImageProblem = tuple[str, str] | None
 
 
 class PathError(Exception):
@@ -144,6 +156,35 @@ def convert_source(src: DataSource, rows: list[Any], seed: int) -> SourceResult:
     return result
 
 
+def check_image(path: str) -> tuple[str, ImageProblem]:
+    try:
+        load_image(path, draft_size=CHECK_DRAFT_SIZE)
+    except ImageLoadError as e:
+        return path, (e.reason, e.detail)
+    except Exception as e:  # a reader bug on one odd file must not stop a 100k-image run; it is reported
+        return path, ("unexpected error", f"{type(e).__name__}: {e}")
+    return path, None
+
+
+def check_images(paths: Iterable[str], num_workers: int, progress: bool = True) -> dict[str, ImageProblem]:
+    """Check each distinct path once; `num_workers` processes (0: in this process). Result keyed by path."""
+    unique = list(dict.fromkeys(paths))
+    results: dict[str, ImageProblem] = {}
+    bar = tqdm(total=len(unique), desc="decoding images", unit="img", disable=not progress, smoothing=0.05)
+    with bar:
+        if num_workers == 0 or len(unique) <= 1:
+            for path in unique:
+                results[path] = check_image(path)[1]
+                bar.update()
+        else:
+            chunksize = max(1, min(64, len(unique) // (num_workers * 16)))
+            with multiprocessing.get_context().Pool(num_workers) as pool:
+                for path, problem in pool.imap_unordered(check_image, unique, chunksize=chunksize):
+                    results[path] = problem
+                    bar.update()
+    return results
+
+
 def image_drop(item: Kept, problems: dict[str, tuple[str, str] | None]) -> Drop | None:
     """A drop for the sample's first bad image, or None if all its images are good."""
     for path in item.sample["images"]:
@@ -181,31 +222,13 @@ def split_validation(samples: list[dict[str, Any]], val_size: int, seed: int) ->
 # --------------------------------------------------------------------------------------------------
 
 
-def write_files_atomically(contents: dict[str, Iterable[str]]) -> None:
-    """Write each file to a temporary name in its folder, then rename them all; on error, remove the temporaries.
-
-    An OS error (no permission, disk full) becomes a PathError naming the file.
-    """
-    temps: dict[str, str] = {}
-    path = ""
+def write_outputs(contents: dict[str, Iterable[str]]) -> None:
+    """Write the files whole (`common.fileio.write_files`); an OS error (no permission, disk full) becomes a
+    PathError naming the files."""
     try:
-        for path, chunks in contents.items():
-            folder = os.path.dirname(os.path.abspath(path))
-            os.makedirs(folder, exist_ok=True)
-            temps[path] = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-            with open(temps[path], "w", encoding="utf-8", newline="\n") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
+        write_files(contents)
     except OSError as e:
-        raise PathError(f"cannot write {path}: {e.strerror or e}") from e
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        raise PathError(f"cannot write {', '.join(contents)}: {e.strerror or e}") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,6 +309,6 @@ def process(cfg: DataConfig, progress: bool = True) -> ProcessResult:
             cfg.resolved_val_output(): map(to_json_line, val),
             **files,
         }
-    write_files_atomically(files)
+    write_outputs(files)
     seconds["write"] = time.perf_counter() - t
     return ProcessResult(report, seconds)

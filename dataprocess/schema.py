@@ -1,4 +1,5 @@
-"""The unified sample every converter produces, and the records of rows it could not use.
+"""The unified sample: what every converter writes and training reads. The one owner of the format: writing
+(`make_sample`, `to_json_line`), reading (`read_samples`) and the rules (`validate_sample`, `check_turns`).
 
 One sample is one JSON object (one line of the processed JSONL file), keys in this order:
 
@@ -10,16 +11,21 @@ One sample is one JSON object (one line of the processed JSONL file), keys in th
 - Turns alternate user/assistant, start with user, end with assistant; no content is blank (a user
   turn holding only an image tag is not blank).
 - `candidates` (captions): every valid answer for that turn; `content` is the first of them.
+
+Also here: the records of raw rows a converter could not use (`Drop`, with a stable reason label).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-IMAGE_TAG = "<|extra_0|>"
+from qwen import IMAGE_TAG
+
+SAMPLE_KEYS = ("id", "source", "images", "turns")
 USER = "user"
 ASSISTANT = "assistant"
 
@@ -66,14 +72,18 @@ def make_sample(source: str, raw_id: str, images: list[str], turns: list[dict[st
     return {"id": f"{source}:{raw_id}", "source": source, "images": list(images), "turns": turns}
 
 
-def turns_problem(turns: list[dict[str, Any]]) -> str | None:
-    """Why `turns` break the turn rules (a short detail for the report), or None if they are fine."""
-    if not turns:
-        return "no turns"
+def turns_problem(turns: Any) -> str | None:
+    """Why `turns` break the turn rules (a short detail for reports and errors), or None if they are fine:
+    a non-empty list of {"role", "content"} alternating user/assistant, user first, assistant last, no blank
+    content."""
+    if not isinstance(turns, list) or not turns:
+        return "no turns" if turns == [] else "turns must be a list"
     for i, turn in enumerate(turns):
         expected = USER if i % 2 == 0 else ASSISTANT
-        if turn["role"] != expected:
-            return f"turn {i} is {turn['role']!r}, expected {expected!r}"
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+            return f"turn {i} is not a {{role, content}} object with string content"
+        if turn.get("role") != expected:
+            return f"turn {i} is {turn.get('role')!r}, expected {expected!r}"
         if not turn["content"].strip():
             return f"turn {i} ({turn['role']}) is blank"
     if turns[-1]["role"] != ASSISTANT:
@@ -81,42 +91,64 @@ def turns_problem(turns: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def count_user_tags(turns: list[dict[str, Any]]) -> int:
+def check_turns(turns: Any, where: str) -> None:
+    """Raise ValueError (prefixed with `where`) unless `turns` follow the turn rules."""
+    problem = turns_problem(turns)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
+
+
+def count_image_tags(turns: Sequence[dict[str, Any]]) -> int:
+    """Images a conversation refers to: the tags of its user turns (tags in answers are text)."""
     return sum(t["content"].count(IMAGE_TAG) for t in turns if t["role"] == USER)
 
 
-def validate_sample(sample: Any) -> None:
-    """Raise ValueError if `sample` does not follow the schema exactly (for readers and tests)."""
-    if not isinstance(sample, dict) or list(sample) != ["id", "source", "images", "turns"]:
-        raise ValueError(
-            f"a sample must have exactly the keys id, source, images, turns in order: {sample!r}"
-        )
+def validate_sample(sample: Any, where: str | None = None) -> None:
+    """Raise ValueError, prefixed with `where` (default: the sample's id), unless `sample` follows the format."""
+    if not isinstance(sample, dict) or set(sample) != set(SAMPLE_KEYS):
+        keys = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
+        raise ValueError(f"{where or 'sample'}: a sample has exactly the keys {', '.join(SAMPLE_KEYS)}; got {keys}")
+    where = where or str(sample["id"])
     if not isinstance(sample["id"], str) or not isinstance(sample["source"], str):
-        raise ValueError(f"id and source must be strings: {sample['id']!r}")
+        raise ValueError(f"{where}: id and source must be strings")
     images = sample["images"]
     if not isinstance(images, list) or not all(isinstance(p, str) and os.path.isabs(p) for p in images):
-        raise ValueError(f"{sample['id']}: images must be a list of absolute paths")
+        raise ValueError(f"{where}: images must be a list of absolute paths")
     turns = sample["turns"]
-    if not isinstance(turns, list):
-        raise ValueError(f"{sample['id']}: turns must be a list")
-    for turn in turns:
-        keys = list(turn) if isinstance(turn, dict) else None
-        if keys not in (["role", "content"], ["role", "content", "candidates"]):
-            raise ValueError(f"{sample['id']}: a turn has keys role, content (and candidates): {turn!r}")
-        if not isinstance(turn["content"], str):
-            raise ValueError(f"{sample['id']}: turn content must be a string")
+    check_turns(turns, where)
+    for i, turn in enumerate(turns):
+        if set(turn) not in ({"role", "content"}, {"role", "content", "candidates"}):
+            raise ValueError(f"{where}: turn {i} has keys role, content (and candidates): {sorted(turn)}")
         if "candidates" in turn:
             cands = turn["candidates"]
-            if not cands or not all(isinstance(c, str) and c.strip() for c in cands):
-                raise ValueError(f"{sample['id']}: candidates must be non-blank strings")
+            if not isinstance(cands, list) or not cands or not all(isinstance(c, str) and c.strip() for c in cands):
+                raise ValueError(f"{where}: turn {i}: candidates must be a non-empty list of non-blank strings")
             if turn["content"] != cands[0]:
-                raise ValueError(f"{sample['id']}: content must be the first candidate")
-    problem = turns_problem(turns)
-    if problem:
-        raise ValueError(f"{sample['id']}: {problem}")
-    if count_user_tags(turns) != len(images):
-        raise ValueError(f"{sample['id']}: {count_user_tags(turns)} image tags for {len(images)} images")
+                raise ValueError(f"{where}: turn {i}: content must be the first candidate")
+    tags = count_image_tags(turns)
+    if tags != len(images):
+        raise ValueError(f"{where}: {tags} image tags in its user turns but {len(images)} images")
 
 
 def to_json_line(sample: dict[str, Any]) -> str:
     return json.dumps(sample, ensure_ascii=False) + "\n"
+
+
+def read_samples(path: str | os.PathLike) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+    """(line number, raw line, sample) for each non-blank line of a processed file, every sample validated;
+    FileNotFoundError, or ValueError naming the file and line."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset file not found: {path} (run process_image.py to write it)")
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                sample = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e})") from e
+            sample_id = sample.get("id") if isinstance(sample, dict) else None
+            validate_sample(sample, f"{path}, line {lineno}" + (f" ({sample_id})" if isinstance(sample_id, str) else ""))
+            yield lineno, line, sample

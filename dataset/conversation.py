@@ -25,17 +25,15 @@ so a placeholder run is never cut and no tag loses its image; if the first pair 
 from __future__ import annotations
 
 import functools
-import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qwen.tokenization_qwen import QWenTokenizer
+from dataprocess.schema import ASSISTANT, USER, check_turns
+from qwen import IMAGE_TAG, QWenTokenizer
 
-IMAGE_TAG = "<|extra_0|>"  # one image in a user turn (QWenTokenizer.IMAGE_TAG)
 IGNORE_INDEX = -100  # label of every token that is not supervised
-USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
+SYSTEM = "system"
 
 
 class SampleTooLongError(Exception):
@@ -161,25 +159,6 @@ def build_prompt_ids(
 # --------------------------------------------------------------------------------------------------
 # Training sequence
 # --------------------------------------------------------------------------------------------------
-
-
-def check_turns(turns: Sequence[dict[str, Any]], sample_id: str) -> None:
-    """Raise ValueError unless turns alternate user/assistant, start with user and end with assistant."""
-    if not turns:
-        raise ValueError(f"{sample_id}: no turns")
-    for i, turn in enumerate(turns):
-        expected = USER if i % 2 == 0 else ASSISTANT
-        if not isinstance(turn, dict) or turn.get("role") != expected:
-            raise ValueError(f"{sample_id}: turn {i} should be a {expected!r} turn, got {turn!r:.100}")
-        if not isinstance(turn.get("content"), str):
-            raise ValueError(f"{sample_id}: turn {i} has no string 'content'")
-    if len(turns) % 2:
-        raise ValueError(f"{sample_id}: the last turn is a user turn; a conversation ends with an answer")
-
-
-def count_image_tags(turns: Sequence[dict[str, Any]]) -> int:
-    """Images a conversation refers to: the tags of its user turns (tags in answers are text)."""
-    return sum(t["content"].count(IMAGE_TAG) for t in turns if t["role"] == USER)
 
 
 def encode_conversation(
@@ -312,35 +291,3 @@ def _check_content(content: list[int], role: str, image: int, num_image_tokens: 
         if run < len(content) and content[run] == image:
             fail(f"placeholders at {run} do not make a whole run of {num_image_tokens}")
         pos = run
-
-
-# --------------------------------------------------------------------------------------------------
-# Vision settings needed to count placeholders
-# --------------------------------------------------------------------------------------------------
-
-
-def num_image_tokens_from_clip_config(path: str | os.PathLike) -> int:
-    """Placeholders per image, (image_size // patch_size) ** 2, from a CLIP `config.json` (or its folder).
-
-    Reads the `vision_config` block of a full CLIP config (openai/clip-vit-large-patch14: 224 // 14 →
-    256), or the top level of a CLIPVisionModel config. No default is guessed for a missing field.
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"CLIP config not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON: {e}") from e
-    vision = config.get("vision_config", config)
-    missing = [k for k in ("image_size", "patch_size") if not isinstance(vision.get(k), int)]
-    if missing:
-        where = "vision_config" if "vision_config" in config else "top level"
-        raise ValueError(f"{path}: no integer {' and '.join(missing)} in its {where}")
-    image_size, patch_size = vision["image_size"], vision["patch_size"]
-    if patch_size < 1 or image_size % patch_size:
-        raise ValueError(f"{path}: image_size {image_size} is not a multiple of patch_size {patch_size}")
-    return (image_size // patch_size) ** 2

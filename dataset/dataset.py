@@ -1,4 +1,5 @@
-"""The training dataset: unified samples (JSON Lines from process_image.py) → token ids, labels and pixels.
+"""The training dataset: unified samples (JSON Lines from process_image.py) → token ids, labels and pixels,
+and the collator that pads its items into batches.
 
 At construction the file is read once, every sample is checked and encoded without its images
 (`lengths`, for the length-grouped sampler; samples truncated or too long for max_length are counted),
@@ -21,7 +22,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,14 +31,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dataset.conversation import (
-    SampleTooLongError,
-    check_turns,
-    count_image_tags,
-    encode_conversation,
-)
-from qwen.tokenization_qwen import QWenTokenizer
-from visual.image_io import ImageLoadError, load_image
+from dataprocess.schema import read_samples
+from dataset.conversation import IGNORE_INDEX, SampleTooLongError, encode_conversation
+from qwen import QWenTokenizer
+from visual.images import ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -45,48 +43,8 @@ FeatureLoader = Callable[[list[str]], torch.Tensor]  # N image paths → FloatTe
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading and checking samples
+# Caption candidates
 # --------------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
-    """(line number, raw line, sample) for each non-blank line; ValueError naming the file and line on bad JSON."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"dataset file not found: {path} (run process_image.py to write it)")
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                sample = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e})") from e
-            if not isinstance(sample, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(sample).__name__}")
-            yield lineno, line, sample
-
-
-def check_sample(sample: dict[str, Any], where: str) -> None:
-    """Raise ValueError (prefixed with `where`) unless the sample follows the unified schema."""
-    for key, kind in (("id", str), ("images", list), ("turns", list)):
-        if not isinstance(sample.get(key), kind):
-            raise ValueError(f"{where}: '{key}' must be a {kind.__name__}")
-    images = sample["images"]
-    if not all(isinstance(p, str) for p in images):
-        raise ValueError(f"{where}: 'images' must be a list of paths")
-    turns = sample["turns"]
-    check_turns(turns, where)
-    for i, turn in enumerate(turns):
-        candidates = turn.get("candidates")
-        if candidates is not None and (
-            not isinstance(candidates, list) or not candidates or not all(isinstance(c, str) and c for c in candidates)
-        ):
-            raise ValueError(f"{where}: turn {i} 'candidates' must be a non-empty list of strings")
-    tags = count_image_tags(turns)
-    if tags != len(images):
-        raise ValueError(f"{where}: {tags} image tags in its user turns but {len(images)} images")
 
 
 def candidate_choice(seed: int, epoch: int, row: int, turn: int, num_candidates: int) -> int:
@@ -116,12 +74,12 @@ class NoUsableSampleError(ValueError):
 
 
 class SupervisedDataset(Dataset):
-    """Samples of one JSONL file as {"input_ids", "labels", "pixel_values"} (or "image_features").
+    """Samples of one JSONL file as {"input_ids", "labels", "pixel_values"} (or "patch_features").
 
     input_ids / labels: LongTensor [T] (labels -100 except answers, see dataset.conversation);
     pixel_values: FloatTensor [n_images, 3, H, W] from `image_processor`, or None without images.
     With `feature_loader` (image paths → [n_images, tokens, C]) images are not decoded and the key
-    is "image_features" instead; a loader that cannot serve an image raises ImageLoadError, and the
+    is "patch_features" instead; a loader that cannot serve an image raises ImageLoadError, and the
     sample is skipped like an unreadable image. Samples that cannot fit max_length are left out at construction
     (`unusable` lists their ids); `lengths[i]` is the token count of item i, placeholders included.
     """
@@ -159,9 +117,7 @@ class SupervisedDataset(Dataset):
         rows: list[int] = []
         lengths: list[int] = []
         name = os.path.basename(self.path)
-        for row, (lineno, line, sample) in enumerate(read_jsonl(self.path)):
-            where = f"{self.path}, line {lineno}" + (f" ({sample['id']})" if isinstance(sample.get("id"), str) else "")
-            check_sample(sample, where)
+        for row, (lineno, line, sample) in enumerate(read_samples(self.path)):
             try:
                 encoded = encode_conversation(
                     tokenizer, sample["turns"], system=system, num_image_tokens=num_image_tokens,
@@ -242,7 +198,7 @@ class SupervisedDataset(Dataset):
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
         }
-        key = "image_features" if self.feature_loader is not None else "pixel_values"
+        key = "patch_features" if self.feature_loader is not None else "pixel_values"
         if not paths:
             item[key] = None
             return item
@@ -254,3 +210,67 @@ class SupervisedDataset(Dataset):
             raise ValueError(f"{sample['id']}: {len(paths)} images gave {key} of shape {tuple(values.shape)}")
         item[key] = values
         return item
+
+
+# --------------------------------------------------------------------------------------------------
+# Collator
+# --------------------------------------------------------------------------------------------------
+
+IMAGE_KEYS = ("pixel_values", "patch_features")  # per-sample image tensors, concatenated along dim 0
+
+
+@dataclass
+class DataCollator:
+    """Pad `input_ids` with pad_token_id and `labels` with -100 to the longest item (rounded up to
+    pad_to_multiple_of), on the right for training or on the left for batched generation.
+
+    `attention_mask` is 1 on each item's own tokens, from its length: never `ids != pad`, since the
+    pad id is `<|endoftext|>`, a real token that may end a sample. Image tensors of all items are
+    concatenated in item order (each item's rows are already in tag order), matching the order of the
+    placeholder runs in the flattened batch; the key is left out when no item has an image.
+    """
+
+    pad_token_id: int  # the tokenizer's pad_token_id: <|endoftext|>, since Qwen has no pad token
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self):
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        ids = [torch.as_tensor(item["input_ids"], dtype=torch.long) for item in items]
+        lengths = [len(x) for x in ids]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+        batch = {
+            "input_ids": self._pad(ids, width, self.pad_token_id),  # [B, T]
+            "attention_mask": self._pad([torch.ones(n, dtype=torch.long) for n in lengths], width, 0),  # [B, T]
+        }
+        has_labels = ["labels" in item for item in items]
+        if any(has_labels):
+            if not all(has_labels):
+                raise ValueError("some items have labels and some do not")
+            labels = [torch.as_tensor(item["labels"], dtype=torch.long) for item in items]
+            for i, (x, y) in enumerate(zip(ids, labels)):
+                if x.shape != y.shape:
+                    raise ValueError(f"item {i}: input_ids {tuple(x.shape)} but labels {tuple(y.shape)}")
+            batch["labels"] = self._pad(labels, width, IGNORE_INDEX)  # [B, T]
+        for key in IMAGE_KEYS:
+            values = [item[key] for item in items if item.get(key) is not None]
+            if values:
+                batch[key] = torch.cat(values, dim=0)  # [sum of n_images, ...]
+        return batch
+
+    def _pad(self, rows: list[torch.Tensor], width: int, value: int) -> torch.Tensor:
+        out = torch.full((len(rows), width), value, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if self.padding_side == "right":
+                out[i, : len(row)] = row
+            else:
+                out[i, width - len(row):] = row
+        return out

@@ -14,16 +14,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dataset.conversation import (
-    IGNORE_INDEX,
-    EncodedConversation,
-    SampleTooLongError,
-    encode_conversation,
-    num_image_tokens_from_clip_config,
-)
-from dataset.dataset import check_sample, read_jsonl
-from qwen.tokenization_qwen import QWenTokenizer
-from settings import ConfigError, load_data_config, load_model_config
+from dataprocess.schema import read_samples
+from dataset.conversation import IGNORE_INDEX, EncodedConversation, SampleTooLongError, encode_conversation
+from qwen import QWenTokenizer
+from settings import ConfigError, load_config
+from visual.clip_tower import num_image_tokens, vision_config
 
 SUPERVISED_OPEN, SUPERVISED_CLOSE = "⟦", "⟧"
 
@@ -50,7 +45,6 @@ def render(tokenizer: QWenTokenizer, input_ids: Sequence[int], labels: Sequence[
 
 
 def _encode(tokenizer, sample, *, system, num_image_tokens, max_length, where) -> EncodedConversation | None:
-    check_sample(sample, where)
     try:
         return encode_conversation(
             tokenizer, sample["turns"], system=system, num_image_tokens=num_image_tokens,
@@ -73,21 +67,21 @@ def _show(tokenizer, row, sample, encoded, num_image_tokens, max_length) -> None
 
 def preflight(config: str, split: str = "train", index: int = 0, check: int | None = None) -> None:
     """Print the report; raise ValueError / FileNotFoundError / ConfigError on the first problem."""
-    model_config = load_model_config(config)
-    data_config = load_data_config(config)
+    loaded = load_config(config)
+    model_config, data_config = loaded.require("model"), loaded.require("data")
     path = data_config.output if split == "train" else data_config.resolved_val_output()
     tokenizer = QWenTokenizer.from_pretrained(model_config.llm_path)
-    num_image_tokens = num_image_tokens_from_clip_config(model_config.vision_path)
+    n_image_tokens = num_image_tokens(vision_config(model_config.vision_path))
     system, max_length = model_config.system_prompt, data_config.max_length
     print(f"file:        {path} ({split})")
     print(f"tokenizer:   {model_config.llm_path} ({len(tokenizer.mergeable_ranks)} ranks)")
-    print(f"images:      {num_image_tokens} placeholder tokens each (from {model_config.vision_path})")
+    print(f"images:      {n_image_tokens} placeholder tokens each (from {model_config.vision_path})")
     print(f"max_length:  {max_length}; system prompt: {system!r}")
 
     samples = truncated = unusable = images = missing_images = tokens = supervised = longest = 0
     rows = 0
     shown = False
-    for row, (lineno, _, sample) in enumerate(read_jsonl(path)):
+    for row, (lineno, _, sample) in enumerate(read_samples(path)):
         rows = row + 1
         in_check = check is None or row < check
         if not in_check and row != index:
@@ -95,11 +89,11 @@ def preflight(config: str, split: str = "train", index: int = 0, check: int | No
                 break
             continue  # read on only to reach --index
         where = f"{path}, line {lineno}" + (f" ({sample['id']})" if isinstance(sample.get("id"), str) else "")
-        encoded = _encode(tokenizer, sample, system=system, num_image_tokens=num_image_tokens,
+        encoded = _encode(tokenizer, sample, system=system, num_image_tokens=n_image_tokens,
                           max_length=max_length, where=where)
         if row == index:
             shown = True
-            _show(tokenizer, row, sample, encoded, num_image_tokens, max_length)
+            _show(tokenizer, row, sample, encoded, n_image_tokens, max_length)
         if not in_check:
             continue
         samples += 1

@@ -5,7 +5,7 @@ with the image and once with the image blanked, and writes `<output_dir>/demo_ev
 {"accuracy_with_image", "accuracy_blind", "n", per-attribute and per-language accuracies, "blank"}.
 The blank image is mean grey: every pixel CLIP's mean colour, i.e. all zeros after normalisation, so the
 model sees an image with no content and can only fall back on its priors.
-An answer counts when it names exactly the expected label (`dataset.synthetic.normalise_answer`).
+An answer counts when it names exactly the expected label (`demo.synthetic.normalise_answer`).
 """
 
 from __future__ import annotations
@@ -18,25 +18,19 @@ from pathlib import Path
 
 import torch
 
+from common.fileio import write_json
+from demo.synthetic import normalise_answer
+from inference import Prompt, load_checkpoint
+from qwen import IMAGE_TAG
 from settings import ConfigError
-from training.arguments import parse_args
+from settings.training import parse_train_args
+from visual import load_image
 
 BLANK = "mean grey (CLIP's mean colour: zeros after normalisation)"
 
 
 def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64) -> dict:
-    from dataset.conversation import IMAGE_TAG
-    from dataset.synthetic import normalise_answer
-    from model import load_vlm
-    from model.generation import Prompt, generate_answers
-    from qwen import QWenTokenizer
-    from visual import CLIPImagePreprocessor, load_image
-
-    model, config = load_vlm(checkpoint)
-    model.eval()
-    llm_path, vision_path = config.resolve(checkpoint)
-    tokenizer = QWenTokenizer.from_pretrained(llm_path)
-    processor = CLIPImagePreprocessor.from_pretrained(vision_path)
+    loaded = load_checkpoint(checkpoint, device="cpu")
     rows = json.loads(heldout_file.read_text(encoding="utf-8"))
     items = []
     for row in rows:
@@ -50,11 +44,7 @@ def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64) -> dict
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             prompts = [Prompt(f"{IMAGE_TAG}\n{q['question']}", [image]) for image, q in chunk]
-            answers = generate_answers(
-                model, tokenizer, processor, prompts, system=config.system_prompt,
-                num_image_tokens=config.num_image_tokens, max_new_tokens=12, pixel_override=override,
-                repetition_penalty=1.0,
-            )
+            answers = loaded.generate(prompts, max_new_tokens=12, pixel_override=override, repetition_penalty=1.0)
             for (_, q), answer in zip(chunk, answers):
                 ok = normalise_answer(answer, q["lang"]) == normalise_answer(q["answer"], q["lang"])
                 for key in ("all", q["attribute"], q["lang"]):
@@ -83,12 +73,10 @@ def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    from demo.prepare import load_demo_config
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        _, _, _, train_args, config_path = parse_args(argv)
-        demo = load_demo_config(config_path)
+        setup = parse_train_args(argv)
+        train_args, demo = setup.args, setup.config.require("demo")
     except (ConfigError, FileNotFoundError) as e:
         print(f"demo.evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -100,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     started = time.time()
     result = evaluate(checkpoint, heldout)
-    out = checkpoint / "demo_eval.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    out = write_json(checkpoint / "demo_eval.json", result)
     print(f"demo: accuracy with the image {result['accuracy_with_image']:.3f}, with a blank image "
           f"{result['accuracy_blind']:.3f} (n={result['n']}, {time.time() - started:.0f} s) -> {out}")
     return 0

@@ -1,13 +1,10 @@
-"""The multimodal model: projector, QWen with image features spliced in, LoRA, checkpoint bundles."""
+"""The multimodal model: projector and QWen with image features spliced in, LoRA, checkpoint bundles, export."""
 
 from .bundle import BundleConfig, build_vlm, bundle_config_for, load_vlm, save_bundle, unwrap
-from .lora import DEFAULT_LORA_TARGETS, apply_lora
-from .modeling_vlm import IMAGE_TOKEN_ID, QWenVLForCausalLM
-from .projector import Projector
+from .lora import apply_lora
+from .modeling_vlm import Projector, QWenVLForCausalLM
 
 __all__ = [
-    "DEFAULT_LORA_TARGETS",
-    "IMAGE_TOKEN_ID",
     "BundleConfig",
     "Projector",
     "QWenVLForCausalLM",

@@ -9,7 +9,8 @@ A bundle is one self-describing folder:
 
 `load_vlm(folder)` rebuilds exactly the trained model. A merged export (`python -m model.export`) has the
 same `vlm_config.json` and projector, and QWen weights in the official layout instead of an adapter; it
-loads without peft.
+loads without peft. Everything that knows the bundle's files is here: saving, loading for inference,
+restoring the trainable weights when training resumes, and refusing a bundle of another model.
 """
 
 from __future__ import annotations
@@ -17,25 +18,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from qwen import QWenConfig
-from settings import DEFAULT_SYSTEM_PROMPT, ConfigError, build
+from common.fileio import staged_files, write_json
+from qwen import DEFAULT_SYSTEM, IMAGE_TOKEN_ID, QWenConfig
+from settings import ConfigError, build
 from visual import CLIPVisionTower
 
-from .modeling_vlm import IMAGE_TOKEN_ID, QWenVLForCausalLM
+from .modeling_vlm import QWenVLForCausalLM
 
 BUNDLE_CONFIG_FILE = "vlm_config.json"
 PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 BUNDLE_FORMAT = "qwen-vl-bundle/1"
+# What must agree for a bundle's trainable weights to fit a model (resuming, loading the best checkpoint).
+IDENTITY_FIELDS = ("llm_path", "vision_path", "vision_feature_layer", "num_image_tokens", "vision_hidden_size",
+                   "llm_hidden_size", "image_token_id")
+ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "modules_to_save")
 
 
 @dataclass
@@ -47,13 +53,13 @@ class BundleConfig:
     vision_hidden_size: int
     llm_hidden_size: int
     image_token_id: int = IMAGE_TOKEN_ID
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str = DEFAULT_SYSTEM
     merged: bool = False  # True: QWen weights with the LoRA folded in live in the folder itself
     adapter: bool = False  # True: the folder holds a LoRA adapter (adapter_config.json + adapter_model.safetensors)
     format: str = BUNDLE_FORMAT
 
     def save(self, folder: Path) -> None:
-        (folder / BUNDLE_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False) + "\n")
+        write_json(folder / BUNDLE_CONFIG_FILE, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, folder: Path) -> BundleConfig:
@@ -85,7 +91,7 @@ def build_vlm(
     tower = CLIPVisionTower.from_pretrained(vision_path, feature_layer=vision_feature_layer, dtype=dtype)
     config = QWenConfig.from_pretrained(llm_path)
     config.vision_hidden_size = tower.hidden_size
-    config.image_token_id = IMAGE_TOKEN_ID
+    config.image_token_id = IMAGE_TOKEN_ID  # the model reads its placeholder id from its config, like LLaVA
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = QWenVLForCausalLM.from_pretrained(llm_path, config=config, **kwargs)
     model.projector.float()  # trainable master weights stay fp32; bf16 compute comes from autocast
@@ -127,24 +133,15 @@ def save_bundle(model, folder: str | os.PathLike, config: BundleConfig) -> Path:
     in `folder` (the Trainer's optimizer state, say) are left alone.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=folder))
-    try:
+    (folder / BUNDLE_CONFIG_FILE).unlink(missing_ok=True)  # the folder is incomplete until the new config lands
+    with staged_files(folder, last=(BUNDLE_CONFIG_FILE,)) as staging:
         has_adapter = hasattr(model, "peft_config")
         if has_adapter:
             model.save_pretrained(staging, safe_serialization=True)
-        config = dataclasses.replace(config, adapter=has_adapter)
         projector = unwrap(model).projector
         save_file({k: v.detach().float().contiguous() for k, v in projector.state_dict().items()},
                   str(staging / PROJECTOR_FILE), metadata={"format": "pt"})
-        config.save(staging)
-        names = sorted(p.name for p in staging.iterdir() if p.name != BUNDLE_CONFIG_FILE) + [BUNDLE_CONFIG_FILE]
-        if (folder / BUNDLE_CONFIG_FILE).exists():
-            (folder / BUNDLE_CONFIG_FILE).unlink()  # the folder is incomplete until the new config lands
-        for name in names:
-            os.replace(staging / name, folder / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        dataclasses.replace(config, adapter=has_adapter).save(staging)
     return folder
 
 
@@ -196,11 +193,9 @@ def load_vlm(
         )
     load_projector(model, folder)
     if config.adapter and not config.merged:
-        for name in (ADAPTER_CONFIG_FILE, "adapter_model.safetensors"):
+        for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder}: the bundle's LoRA adapter is missing ({name})")
-        from peft import PeftModel
-
         with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
@@ -208,3 +203,37 @@ def load_vlm(
         if merge_lora:
             model = model.merge_and_unload()
     return model, config
+
+
+def load_trainable(model, folder: str | os.PathLike) -> None:
+    """Put a bundle's trained weights (LoRA adapter and projector) into `model`, a PeftModel (or DDP wrapper)
+    built with the same settings: resuming training, or restoring the best checkpoint at its end."""
+    folder = Path(folder)
+    if hasattr(model, "peft_config"):
+        result = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS_FILE)))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{folder}: adapter tensors the model does not have: {result.unexpected_keys}")
+    load_projector(unwrap(model), folder)
+
+
+def check_compatible(folder: str | os.PathLike, current: BundleConfig, model) -> None:
+    """Refuse a bundle of another model: different base folders, feature layer, image tokens, or LoRA shape
+    (rank, alpha, targets, trained embeddings). One ValueError naming every difference."""
+    folder = Path(folder)
+    saved = BundleConfig.load(folder)
+    problems = [f"{name}: checkpoint {getattr(saved, name)!r} vs now {getattr(current, name)!r}"
+                for name in IDENTITY_FIELDS if getattr(saved, name) != getattr(current, name)]
+    if hasattr(model, "peft_config"):
+        config_file = folder / ADAPTER_CONFIG_FILE
+        if not config_file.is_file() or not (folder / ADAPTER_WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{folder}: no LoRA adapter in it")
+        saved_adapter = json.loads(config_file.read_text())
+        now = model.peft_config["default"].to_dict()
+        for name in ADAPTER_FIELDS:
+            a, b = saved_adapter.get(name), now.get(name)
+            if isinstance(a, (list, set, tuple)) or isinstance(b, (list, set, tuple)):
+                a, b = sorted(a or []), sorted(b or [])
+            if a != b:
+                problems.append(f"LoRA {name}: checkpoint {a!r} vs now {b!r}")
+    if problems:
+        raise ValueError(f"{folder} was trained with different settings: " + "; ".join(problems))

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from fileio import staged_folder
+from common.fileio import staged_folder
 from qwen.checkpoint import INDEX_FILE, SINGLE_FILE, save_sharded_safetensors
 
 from .bundle import PROJECTOR_FILE, load_vlm

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import warnings
 
+import peft
 import torch
 from torch import nn
 
-# Qwen's own fine-tuning targets: the fused QKV, both output projections (attention and MLP) and the two
-# MLP input projections. Names are matched as suffixes of module paths; CLIP's modules are q_proj, k_proj,
-# v_proj, out_proj, fc1, fc2 and the projector's linear_1/linear_2, so nothing outside QWen's blocks matches.
-DEFAULT_LORA_TARGETS = ("c_attn", "c_proj", "w1", "w2")
+from settings import DEFAULT_LORA_TARGETS
+
+# Target names are matched as suffixes of module paths; CLIP's modules are q_proj, k_proj, v_proj, out_proj,
+# fc1, fc2 and the projector's linear_1/linear_2, so nothing outside QWen's blocks matches ours.
 EMBEDDING_MODULES = ("wte", "lm_head")
 
 
@@ -29,13 +30,11 @@ def apply_lora(
     Only LoRA weights, the projector and, with `train_embeddings`, full copies of `wte`/`lm_head` (needed
     when starting from the base Qwen-7B, whose ChatML tokens were never trained) require grad afterwards.
     """
-    from peft import LoraConfig, get_peft_model
-
     available = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name.startswith("transformer.h.")}
     unknown = [t for t in target_modules if t not in available]
     if unknown:
         raise ValueError(f"LoRA target(s) {unknown} match no module of QWen's blocks (available: {sorted(available)})")
-    config = LoraConfig(
+    config = peft.LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
@@ -46,7 +45,7 @@ def apply_lora(
     )
     with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, config)
+        peft_model = peft.get_peft_model(model, config)
     base = peft_model.get_base_model()
     base.projector.requires_grad_(True)
     for name, p in peft_model.named_parameters():  # trained copies of wte/lm_head: fp32 master weights too

@@ -4,32 +4,28 @@ The model classes import transformers (seconds); they load on first use, so that
 (process_image.py, the preflight) start fast.
 """
 
-from importlib import import_module
+from common.lazy import lazy_exports
 
-from .chat_format import DEFAULT_SYSTEM, make_context, stop_token_ids
-from .tokenization_qwen import QWenTokenizer
+from .chat_format import DEFAULT_SYSTEM, decode_response, make_context, stop_token_ids
+from .tokenization_qwen import IMAGE_TAG, IMAGE_TOKEN_ID, QWenTokenizer
 
-_LAZY = {
+__getattr__ = lazy_exports(__name__, {
     "QWenConfig": ".configuration_qwen",
     "QWenLMHeadModel": ".modeling_qwen",
     "QWenModel": ".modeling_qwen",
     "QWenPreTrainedModel": ".modeling_qwen",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module 'qwen' has no attribute {name!r}")
-
+})
 
 __all__ = [
     "DEFAULT_SYSTEM",
+    "IMAGE_TAG",
+    "IMAGE_TOKEN_ID",
     "QWenConfig",
     "QWenLMHeadModel",
     "QWenModel",
     "QWenPreTrainedModel",
     "QWenTokenizer",
+    "decode_response",
     "make_context",
     "stop_token_ids",
 ]

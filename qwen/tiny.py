@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fileio import staged_folder
+from common.fileio import staged_folder
 
 from .checkpoint import save_sharded_safetensors
 

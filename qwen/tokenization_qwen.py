@@ -48,6 +48,10 @@ SPECIAL_TOKENS: dict[str, int] = {
     token: SPECIAL_START_ID + i for i, token in enumerate((ENDOFTEXT, IM_START, IM_END, *EXTRAS))
 }
 MODEL_MAX_LENGTH = 8192
+# One image in a prompt: the tag in text, and its id, which the data pipeline repeats once per image feature
+# row (the placeholders the multimodal model overwrites). The owner of both for the whole project.
+IMAGE_TAG = EXTRAS[0]  # "<|extra_0|>"
+IMAGE_TOKEN_ID = SPECIAL_TOKENS[IMAGE_TAG]  # 151646
 
 
 def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
@@ -126,7 +130,6 @@ class TokenBatch(dict):
 class QWenTokenizer:
     """Qwen-7B's tokenizer (see the module docstring). `QWenTokenizer(vocab_file)` or `from_pretrained(dir)`."""
 
-    IMAGE_TAG = EXTRAS[0]  # one image in a prompt; expanded to N placeholder ids by the data pipeline
     vocab_file_name = VOCAB_FILE_NAME
     model_input_names = ("input_ids", "attention_mask")
 
@@ -219,7 +222,7 @@ class QWenTokenizer:
 
     @property
     def image_tag_id(self) -> int:
-        return self.special_tokens[self.IMAGE_TAG]
+        return self.special_tokens[IMAGE_TAG]
 
     # No pad/eos of its own: both are <|endoftext|>, as in the official generation_config.json.
     eos_token = ENDOFTEXT

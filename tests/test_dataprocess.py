@@ -14,15 +14,15 @@ import pytest
 import yaml
 from PIL import Image
 
-import visual.image_io
+import visual.images
 from dataprocess import pipeline
 from dataprocess.aic import PROMPTS, clean_caption, convert_aic, prompt_for_row
-from dataprocess.images import check_image
 from dataprocess.llava import convert_llava
-from dataprocess.pipeline import PathError, process, split_validation
-from dataprocess.schema import IMAGE_TAG, Drop, Kept, validate_sample
-from settings import ConfigError, load_data_config
-from visual.image_io import load_image
+from dataprocess.pipeline import PathError, check_image, process, split_validation
+from dataprocess.schema import Drop, Kept, validate_sample
+from qwen import IMAGE_TAG
+from settings import ConfigError, load_config
+from visual.images import load_image
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 1234
@@ -296,7 +296,7 @@ def test_image_check_agrees_with_the_training_reader(tmp_path):
         try:
             load_image(d / name)
             full = None
-        except visual.image_io.ImageLoadError as e:
+        except visual.images.ImageLoadError as e:
             full = e.reason
         assert full == reason, name
 
@@ -307,7 +307,7 @@ def test_jpeg_check_decodes_at_reduced_scale_and_pixel_cap_is_exact(tmp_path, mo
     assert load_image(tmp_path / "a.jpg").size == (256, 160)
     Image.fromarray(_photo(150, 100, 0)).save(tmp_path / "b.png")
     monkeypatch.setattr(
-        visual.image_io, "MAX_IMAGE_PIXELS", 100 * 100
+        visual.images, "MAX_IMAGE_PIXELS", 100 * 100
     )  # 1.5x the cap: Pillow alone only warns
     _, problem = check_image(str(tmp_path / "b.png"))
     assert problem is not None and problem[0] == "too large"
@@ -319,7 +319,7 @@ def test_jpeg_check_decodes_at_reduced_scale_and_pixel_cap_is_exact(tmp_path, mo
 
 
 def test_process_keeps_and_drops_exactly(raw):
-    cfg = load_data_config(raw / "config.yaml")
+    cfg = load_config(raw / "config.yaml", sections=("data",)).data
     report = process(cfg, progress=False).report
     out = raw / "out" / "train.jsonl"
     samples = read_jsonl(out) + read_jsonl(raw / "out" / "train.val.jsonl")
@@ -370,7 +370,7 @@ def test_process_keeps_and_drops_exactly(raw):
 
 def test_outputs_are_byte_identical_for_any_worker_count(raw):
     outputs = [raw / "out" / n for n in ("train.jsonl", "train.val.jsonl", "train.jsonl.report.json")]
-    cfg = load_data_config(raw / "config.yaml")
+    cfg = load_config(raw / "config.yaml", sections=("data",)).data
     runs = []
     for workers in (0, 2, 0):
         cfg.num_workers = workers
@@ -417,7 +417,7 @@ def test_a_failure_midway_leaves_previous_outputs_untouched(raw, monkeypatch):
     out.mkdir()
     for name in ("train.jsonl", "train.val.jsonl", "train.jsonl.report.json"):
         (out / name).write_text("previous\n")
-    cfg = load_data_config(raw / "config.yaml")
+    cfg = load_config(raw / "config.yaml", sections=("data",)).data
 
     calls = {"n": 0}
     real = pipeline.to_json_line
@@ -452,7 +452,7 @@ def test_a_failure_midway_leaves_previous_outputs_untouched(raw, monkeypatch):
 
 
 def test_limit_and_config_value_errors(raw):
-    cfg = load_data_config(raw / "config.yaml")
+    cfg = load_config(raw / "config.yaml", sections=("data",)).data
     cfg.sources[1].limit = 3
     report = process(cfg, progress=False).report
     llava = report["sources"][1]
@@ -553,19 +553,19 @@ def test_unknown_data_key_is_a_config_error(raw):
     data = yaml.safe_load((raw / "config.yaml").read_text(encoding="utf-8"))["data"]
     data["sources"][0]["image_folder"] = "images"
     with pytest.raises(ConfigError, match="unknown key 'image_folder'"):
-        load_data_config(write_config(raw, data, name="bad.yaml"))
+        load_config(write_config(raw, data, name="bad.yaml"), sections=("data",)).data
 
 
 def test_relative_paths_resolve_against_the_config_folder(raw, monkeypatch):
     monkeypatch.chdir(raw.parent)
-    cfg = load_data_config(os.path.relpath(raw / "config.yaml"))
+    cfg = load_config(os.path.relpath(raw / "config.yaml"), sections=("data",)).data
     assert cfg.output == str(raw / "out" / "train.jsonl")
     assert cfg.sources[0].image_dir == str(raw / "images")
 
 
 def test_an_unwritable_output_is_a_path_error(raw):
     (raw / "afile").write_text("a file, not a folder")
-    cfg = load_data_config(raw / "config.yaml")
+    cfg = load_config(raw / "config.yaml", sections=("data",)).data
     cfg.output = str(raw / "afile" / "train.jsonl")
     with pytest.raises(PathError, match="cannot write .*afile"):
         process(cfg, progress=False)

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dataset.collator import DataCollator
 from dataset.conversation import (
     IGNORE_INDEX,
     SampleTooLongError,
@@ -25,9 +24,8 @@ from dataset.conversation import (
     check_encoding,
     encode_conversation,
     encode_user_text,
-    num_image_tokens_from_clip_config,
 )
-from dataset.dataset import SupervisedDataset, candidate_choice
+from dataset.dataset import DataCollator, SupervisedDataset, candidate_choice
 from dataset.preflight import main as preflight_main
 from dataset.preflight import render
 from qwen.chat_format import make_context
@@ -189,10 +187,10 @@ def test_image_placement(tok_tiny):
 
 
 def test_bad_turns_raise(tok_tiny):
-    with pytest.raises(ValueError, match="sample-7: turn 1 should be a 'assistant'"):
+    with pytest.raises(ValueError, match="sample-7: turn 1 is 'user', expected 'assistant'"):
         encode_conversation(tok_tiny, conv("a", "b")[:1] * 2, system="", num_image_tokens=4, max_length=None,
                             sample_id="sample-7")
-    with pytest.raises(ValueError, match="ends with an answer"):
+    with pytest.raises(ValueError, match="ends with a 'user' turn, expected 'assistant'"):
         encode(tok_tiny, conv("a", "b", "c"))
     with pytest.raises(ValueError, match="no turns"):
         encode(tok_tiny, [])
@@ -284,28 +282,6 @@ def test_truncation_properties(tok_tiny):
 
 
 # --------------------------------------------------------------------------------------------------
-# CLIP config
-# --------------------------------------------------------------------------------------------------
-
-
-def test_num_image_tokens_from_clip_config(tmp_path):
-    full = tmp_path / "clip"
-    full.mkdir()
-    (full / "config.json").write_text(json.dumps({"model_type": "clip", "text_config": {"patch_size": 99},
-                                                  "vision_config": {"image_size": 224, "patch_size": 14}}))
-    assert num_image_tokens_from_clip_config(full) == 256
-    assert num_image_tokens_from_clip_config(full / "config.json") == 256
-    vision_only = tmp_path / "vision.json"
-    vision_only.write_text(json.dumps({"image_size": 336, "patch_size": 14}))
-    assert num_image_tokens_from_clip_config(vision_only) == 576
-    vision_only.write_text(json.dumps({"vision_config": {"image_size": 224}}))
-    with pytest.raises(ValueError, match="patch_size"):
-        num_image_tokens_from_clip_config(vision_only)
-    with pytest.raises(FileNotFoundError):
-        num_image_tokens_from_clip_config(tmp_path / "nowhere")
-
-
-# --------------------------------------------------------------------------------------------------
 # Collator
 # --------------------------------------------------------------------------------------------------
 
@@ -323,7 +299,7 @@ def test_collator_right_padding():
         item([7], pixels=torch.full((1, 3, 4, 4), 2.0)),
     ]
     items[0]["pixel_values"][1] = 1.0
-    batch = DataCollator()(items)
+    batch = DataCollator(EOD)(items)
     assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values"}
     assert batch["input_ids"].tolist() == [[1, 2, 3, EOD], [5, 6, EOD, EOD], [7, EOD, EOD, EOD]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
@@ -336,18 +312,18 @@ def test_collator_right_padding():
 
 def test_collator_left_padding_multiple_and_no_images():
     items = [item([1, 2, 3]), item([4, EOD])]
-    batch = DataCollator(padding_side="left", pad_to_multiple_of=4)(items)
-    assert "pixel_values" not in batch and "image_features" not in batch
+    batch = DataCollator(EOD, padding_side="left", pad_to_multiple_of=4)(items)
+    assert "pixel_values" not in batch and "patch_features" not in batch
     assert batch["input_ids"].tolist() == [[EOD, 1, 2, 3], [EOD, EOD, 4, EOD]]
     assert batch["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 1, 1]]
     assert batch["labels"].tolist() == [[-100, 1, 2, 3], [-100, -100, 4, EOD]]
-    batch = DataCollator(pad_to_multiple_of=8)(items)
+    batch = DataCollator(EOD, pad_to_multiple_of=8)(items)
     assert batch["input_ids"].shape == (2, 8)
     # inference items without labels
-    batch = DataCollator(padding_side="left")([{"input_ids": [1, 2]}, {"input_ids": [3]}])
+    batch = DataCollator(EOD, padding_side="left")([{"input_ids": [1, 2]}, {"input_ids": [3]}])
     assert "labels" not in batch and batch["input_ids"].tolist() == [[1, 2], [EOD, 3]]
     with pytest.raises(ValueError, match="padding_side"):
-        DataCollator(padding_side="middle")
+        DataCollator(EOD, padding_side="middle")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -409,7 +385,7 @@ def test_dataset_items(tmp_path, tok_tiny):
         assert x["input_ids"].dtype == x["labels"].dtype == torch.long
         assert (x["input_ids"] == IMG).sum() == 4 * (0 if x["pixel_values"] is None else len(x["pixel_values"]))
     # through a DataLoader with the collator: images in sample order
-    batch = next(iter(DataLoader(ds, batch_size=3, collate_fn=DataCollator())))
+    batch = next(iter(DataLoader(ds, batch_size=3, collate_fn=DataCollator(EOD))))
     assert batch["pixel_values"].shape[0] == 3
     assert [grey_of(batch["pixel_values"][i:i + 1]) for i in range(3)] == [10, 20, 30]
     assert (batch["input_ids"] == IMG).sum() == 3 * 4
@@ -465,11 +441,11 @@ def test_set_epoch_reaches_persistent_workers(tmp_path, tok_tiny):
                        [sample(f"aic:{i}", [img], f"{TAG} describe", captions[0], candidates=captions)
                         for i in range(4)])
     ds = make_dataset(path, tok_tiny, seed=1)
-    loader = DataLoader(ds, batch_size=4, collate_fn=DataCollator(), num_workers=1, persistent_workers=True)
+    loader = DataLoader(ds, batch_size=4, collate_fn=DataCollator(EOD), num_workers=1, persistent_workers=True)
     for epoch in (0, 1, 2):
         ds.set_epoch(epoch)
         batch = next(iter(loader))
-        expected = DataCollator()([ds[i] for i in range(4)])  # in this process, same epoch
+        expected = DataCollator(EOD)([ds[i] for i in range(4)])  # in this process, same epoch
         assert torch.equal(batch["input_ids"], expected["input_ids"]), epoch
 
 
@@ -506,8 +482,8 @@ def test_dataset_file_errors(tmp_path, tok_tiny):
     bad.write_text(json.dumps(sample("tags", ["/x.png"], "no tag here", "a")) + "\n")
     with pytest.raises(ValueError, match=r"line 1 \(tags\): 0 image tags in its user turns but 1 images"):
         make_dataset(bad, tok_tiny)
-    bad.write_text(json.dumps({"id": "roles", "images": [], "turns": conv("a", "b")[::-1]}) + "\n")
-    with pytest.raises(ValueError, match=r"\(roles\): turn 0 should be a 'user' turn"):
+    bad.write_text(json.dumps({"id": "roles", "source": "t", "images": [], "turns": conv("a", "b")[::-1]}) + "\n")
+    with pytest.raises(ValueError, match=r"\(roles\): turn 0 is 'assistant', expected 'user'"):
         make_dataset(bad, tok_tiny)
 
 
@@ -521,8 +497,8 @@ def test_feature_loader(tmp_path, tok_tiny):
         return torch.zeros(len(paths), 4, 8)
 
     ds = SupervisedDataset(path, tok_tiny, None, num_image_tokens=4, system="", max_length=64, feature_loader=loader)
-    batch = DataCollator()([ds[0], ds[1]])
-    assert seen == [["/a.png", "/b.png"]] and batch["image_features"].shape == (2, 4, 8)
+    batch = DataCollator(EOD)([ds[0], ds[1]])
+    assert seen == [["/a.png", "/b.png"]] and batch["patch_features"].shape == (2, 4, 8)
     assert "pixel_values" not in batch
 
 
@@ -537,7 +513,8 @@ def write_config(tmp_path: Path, vocab_file: str, output: Path) -> Path:
     (llm / "qwen.tiktoken").write_bytes(Path(vocab_file).read_bytes())
     vision = tmp_path / "clip"
     vision.mkdir()
-    (vision / "config.json").write_text(json.dumps({"vision_config": {"image_size": 28, "patch_size": 14}}))
+    (vision / "config.json").write_text(json.dumps({"model_type": "clip",
+                                                    "vision_config": {"image_size": 28, "patch_size": 14}}))
     config = tmp_path / "config.yaml"
     config.write_text(
         "model:\n  llm_path: llm\n  vision_path: clip\n  system_prompt: You are a helpful assistant.\n"

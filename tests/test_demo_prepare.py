@@ -11,22 +11,28 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from demo.prepare import DemoConfig, pretrain_clip, vocab_corpus
+from demo.pretrain import pretrain_clip, vocab_corpus
 from qwen import QWenTokenizer
 from qwen.tiny_vocab import write_tiny_vocab
+from settings import DemoConfig
 from visual import CLIPImagePreprocessor, write_tiny_clip_checkpoint
 from visual.clip_tower import CLIPVisionTower
 
 
 def test_every_answer_word_is_one_token(tmp_path: Path):
     """Like the real vocabulary, the demo's has the answer words whole: one 151936-way softmax per word."""
-    from dataset.synthetic import ATTRIBUTES
+    from demo.synthetic import ATTRIBUTES
 
     tokenizer = QWenTokenizer(write_tiny_vocab(tmp_path / "qwen.tiktoken", vocab_size=1024, corpus=vocab_corpus()))
     for vocab in ATTRIBUTES.values():
         for word in vocab.values():
             for text in (word.en.split()[0], word.zh):  # "top left" is two words, "左上" one
                 assert len(tokenizer.encode(text)) == 1, (text, tokenizer.encode(text))
+    for word in ["red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "top",
+                 "bottom", "left", "right"]:
+        assert len(tokenizer.encode(" " + word)) == 1, word  # inside a sentence too
+    for word in ["颜色", "形状", "位置", "图片", "这", "是", "什么"]:
+        assert len(tokenizer.encode(word)) == 1, word
 
 
 def test_clip_pretraining_learns_and_keeps_the_official_layout(tmp_path: Path):

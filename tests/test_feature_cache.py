@@ -24,7 +24,7 @@ from dataprocess.features import (
     images_of_jsonl,
 )
 from visual.clip_tower import CLIPVisionTower
-from visual.image_io import ImageLoadError
+from visual.images import ImageLoadError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,7 +43,7 @@ def cpu_fp32():
 @pytest.fixture(scope="module")
 def project(cpu_fp32, tmp_path_factory, tiny_llm_dir, tiny_clip_dir):
     """A small synthetic set processed by `process_image.py --cache-features` into data/features."""
-    from dataset.synthetic import demo_data_section, write_demo_raw_data
+    from demo.synthetic import demo_data_section, write_demo_raw_data
 
     root = tmp_path_factory.mktemp("cached")
     paths = write_demo_raw_data(root / "raw", n_train=10, n_aic=4, n_heldout=0, image_size=56, seed=2)
@@ -96,7 +96,7 @@ def test_cached_features_give_the_same_loss_and_gradients_as_pixels(project, tin
     indices = [0, len(pixels) - 1]  # a LLaVA and a caption sample, one image each
     pixel_batch = collate([pixels[i] for i in indices])
     cached_batch = collate([cached[i] for i in indices])
-    assert pixel_batch["pixel_values"].shape[0] == 2 and cached_batch["image_features"].shape == (2, 16, 32)
+    assert pixel_batch["pixel_values"].shape[0] == 2 and cached_batch["patch_features"].shape == (2, 16, 32)
     assert "pixel_values" not in cached_batch and torch.equal(pixel_batch["input_ids"], cached_batch["input_ids"])
 
     pixel_loss, pixel_grads = loss_and_grads(model, pixel_batch)
@@ -105,15 +105,15 @@ def test_cached_features_give_the_same_loss_and_gradients_as_pixels(project, tin
     # The cache holds each image's features in its row. fp32 CPU matmuls round differently for another number
     # of images per call (the cache was computed 16 at a time, the model encodes these 2): ~1e-7 relative.
     tower_features = model.get_base_model().vision_tower(pixel_batch["pixel_values"])
-    torch.testing.assert_close(cached_batch["image_features"], tower_features, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(cached_batch["image_features"], tower_features.roll(1, dims=0), atol=1e-3)
+    torch.testing.assert_close(cached_batch["patch_features"], tower_features, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(cached_batch["patch_features"], tower_features.roll(1, dims=0), atol=1e-3)
 
     def no_tower(*args, **kwargs):
         raise AssertionError("the vision tower ran although features were given")
 
     monkeypatch.setattr(CLIPVisionTower, "forward", no_tower)
     # Given the tower's features of this batch, the feature path is bit-identical to the pixel path...
-    same_loss, same_grads = loss_and_grads(model, {**cached_batch, "image_features": tower_features})
+    same_loss, same_grads = loss_and_grads(model, {**cached_batch, "patch_features": tower_features})
     assert torch.equal(same_loss, pixel_loss)
     for name, grad in pixel_grads.items():
         assert torch.equal(same_grads[name], grad), name

@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from dataprocess.pipeline import process
-from dataset.synthetic import (
+from demo.synthetic import (
     AIC_TEMPLATES,
     COLOUR_RGB,
     COLOURS,
@@ -23,7 +23,7 @@ from dataset.synthetic import (
     normalise_answer,
     write_demo_raw_data,
 )
-from settings import load_data_config
+from settings import load_config
 
 SIZES = {"n_train": 36, "n_aic": 12, "n_heldout": 24}
 
@@ -157,7 +157,7 @@ def test_raw_files_go_through_process_image_with_no_drops(demo, tmp_path):
     config = tmp_path / "config.yaml"
     data = demo_data_section(demo, str(tmp_path / "out" / "train.jsonl"), seed=3, val_size=2)
     config.write_text(yaml.safe_dump({"data": data}), encoding="utf-8")
-    report = process(load_data_config(config), progress=False).report
+    report = process(load_config(config, sections=("data",)).data, progress=False).report
     assert report["dropped"] == 0 and report["kept"] == SIZES["n_train"] + SIZES["n_aic"]
     assert (report["train"], report["val"]) == (46, 2)
 

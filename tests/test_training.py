@@ -27,7 +27,7 @@ def run(*args, timeout=300, cwd=ROOT):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_llm_dir, tiny_clip_dir):
     """Tiny models, a small synthetic raw set processed by process_image.py, and a config using them."""
-    from dataset.synthetic import demo_data_section, write_demo_raw_data
+    from demo.synthetic import demo_data_section, write_demo_raw_data
 
     root = tmp_path_factory.mktemp("project")
     paths = write_demo_raw_data(root / "raw", n_train=24, n_aic=8, n_heldout=2, image_size=56, seed=1)
@@ -100,8 +100,8 @@ def test_train_saves_bundles_resumes_exactly_and_infer_loads_a_checkpoint(projec
     assert (project / "a" / "eval_results.json").is_file()
 
     # infer.py answers from a mid-run checkpoint exactly what the loaded bundle generates in-process
+    from inference import Prompt, generate_answers
     from model import load_vlm
-    from model.generation import Prompt, generate_answers
     from qwen import QWenTokenizer
     from visual import CLIPImagePreprocessor, load_image
 

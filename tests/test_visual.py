@@ -24,7 +24,7 @@ from visual import (
     ImageLoadError,
     write_tiny_clip_checkpoint,
 )
-from visual.tiny_clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from visual.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 IMAGE_SIZE, PATCH_SIZE, HIDDEN, LAYERS = 112, 14, 64, 3
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 64
@@ -457,3 +457,24 @@ def test_preprocessor_stacks_mixed_sizes_and_single_image():
     raw = io.BytesIO()
     Image.new("RGB", (4, 4)).save(raw, format="PNG")  # a PIL image not in RGB mode is converted
     assert pre([Image.open(raw).convert("L")]).shape == (1, 3, 20, 20)
+
+
+def test_num_image_tokens_comes_from_the_tower_config(tmp_path):
+    from visual import CheckpointError, num_image_tokens, vision_config
+
+    full = tmp_path / "clip"
+    full.mkdir()
+    (full / "config.json").write_text(json.dumps({"model_type": "clip", "text_config": {"patch_size": 99},
+                                                  "vision_config": {"image_size": 224, "patch_size": 14}}))
+    assert num_image_tokens(vision_config(full)) == 256  # ViT-L/14 at 224 px: the vision half, not the text's
+    vision_only = tmp_path / "vision"
+    vision_only.mkdir()
+    (vision_only / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", "image_size": 336,
+                                                         "patch_size": 14}))
+    assert num_image_tokens(vision_config(vision_only)) == 576
+    (vision_only / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", "image_size": 230,
+                                                         "patch_size": 14}))
+    with pytest.raises(ValueError, match="not a multiple"):
+        num_image_tokens(vision_config(vision_only))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        vision_config(tmp_path / "nowhere")

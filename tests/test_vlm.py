@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from model import IMAGE_TOKEN_ID, apply_lora, build_vlm, bundle_config_for, load_vlm, save_bundle
+from model import apply_lora, build_vlm, bundle_config_for, load_vlm, save_bundle
 from model.export import main as export_main
-from qwen import QWenLMHeadModel
+from qwen import IMAGE_TOKEN_ID, QWenLMHeadModel
 
 PAD = 151643
 
@@ -110,7 +110,7 @@ def test_precomputed_features_equal_pixels(vlm, n_img):
     pix = pixels(1, seed=3)
     with torch.no_grad():
         a = vlm(ids, pixel_values=pix).logits
-        b = vlm(ids, image_features=vlm.vision_tower(pix)).logits
+        b = vlm(ids, patch_features=vlm.vision_tower(pix)).logits
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 

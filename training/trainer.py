@@ -11,14 +11,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import Trainer
 
-from model.bundle import ADAPTER_CONFIG_FILE, BundleConfig, load_projector, save_bundle, unwrap
+from dataset.sampler import LengthGroupedSampler
+from model.bundle import BundleConfig, check_compatible, load_trainable, save_bundle
 
 
 def build_param_groups(
@@ -72,8 +71,6 @@ class VLMTrainer(Trainer):
         return self.optimizer
 
     def _get_train_sampler(self, train_dataset=None):
-        from dataset.sampler import LengthGroupedSampler
-
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         grouped = self.args.train_sampling_strategy == "group_by_length"
         # The sampler also hands the epoch to the dataset (accelerate does not under DDP when a sampler has set_epoch).
@@ -88,16 +85,9 @@ class VLMTrainer(Trainer):
             save_bundle(self.model, output_dir, self.bundle_config)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        from peft import set_peft_model_state_dict
-
         model = model if model is not None else self.model
-        folder = Path(resume_from_checkpoint)
-        check_resume_compatible(folder, self.bundle_config, model)
-        if hasattr(model, "peft_config"):
-            result = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS_FILE)))
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"{folder}: adapter tensors the model does not have: {result.unexpected_keys}")
-        load_projector(unwrap(model), folder)
+        check_compatible(resume_from_checkpoint, self.bundle_config, model)
+        load_trainable(model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         """`load_best_model_at_end`: restore the best checkpoint's adapter AND projector (the stock method
@@ -107,30 +97,3 @@ class VLMTrainer(Trainer):
             raise FileNotFoundError(f"load_best_model_at_end: best checkpoint not found: {best}")
         self._load_from_checkpoint(best)
 
-
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-IDENTITY_FIELDS = ("llm_path", "vision_path", "vision_feature_layer", "num_image_tokens", "vision_hidden_size",
-                   "llm_hidden_size", "image_token_id")
-ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "modules_to_save")
-
-
-def check_resume_compatible(folder: Path, current: BundleConfig, model) -> None:
-    """Refuse to resume from a checkpoint of another model: different base folders, feature layer, image
-    tokens, or LoRA shape (rank, alpha, targets, trained embeddings). One error naming every difference."""
-    saved = BundleConfig.load(folder)
-    problems = [f"{name}: checkpoint {getattr(saved, name)!r} vs now {getattr(current, name)!r}"
-                for name in IDENTITY_FIELDS if getattr(saved, name) != getattr(current, name)]
-    if hasattr(model, "peft_config"):
-        config_file = folder / ADAPTER_CONFIG_FILE
-        if not config_file.is_file() or not (folder / ADAPTER_WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"{folder}: no LoRA adapter to resume from")
-        saved_adapter = json.loads(config_file.read_text())
-        now = model.peft_config["default"].to_dict()
-        for name in ADAPTER_FIELDS:
-            a, b = saved_adapter.get(name), now.get(name)
-            if isinstance(a, (list, set, tuple)) or isinstance(b, (list, set, tuple)):
-                a, b = sorted(a or []), sorted(b or [])
-            if a != b:
-                problems.append(f"LoRA {name}: checkpoint {a!r} vs now {b!r}")
-    if problems:
-        raise ValueError(f"cannot resume from {folder}, it was trained with different settings: " + "; ".join(problems))

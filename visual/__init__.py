@@ -1,26 +1,21 @@
-"""visual: the frozen CLIP vision tower, CLIP image preprocessing, image reading, tiny test checkpoints.
+"""visual: image reading and CLIP preprocessing (`images`), the frozen CLIP vision tower (`clip_tower`), tiny
+test checkpoints in the official layout (`tiny_clip`).
 
-The tower and the checkpoint writer import transformers (seconds); they load on first use, so that
-light users such as `process_image.py`, which only reads images, start fast.
+The tower and the checkpoint writer import transformers (seconds); they load on first use, so that light
+users such as `process_image.py`, which only reads images, start fast.
 """
 
-from importlib import import_module
+from common.lazy import lazy_exports
 
-from visual.image_io import ImageLoadError, load_image
+from .images import CLIPImagePreprocessor, ImageLoadError, load_image
 
-_LAZY = {
-    "CLIPVisionTower": "visual.clip_tower",
-    "CheckpointError": "visual.clip_tower",
-    "CLIPImagePreprocessor": "visual.image_processing",
-    "write_tiny_clip_checkpoint": "visual.tiny_clip",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'visual' has no attribute {name!r}")
-
+__getattr__ = lazy_exports(__name__, {
+    "CLIPVisionTower": ".clip_tower",
+    "CheckpointError": ".clip_tower",
+    "num_image_tokens": ".clip_tower",
+    "vision_config": ".clip_tower",
+    "write_tiny_clip_checkpoint": ".tiny_clip",
+})
 
 __all__ = [
     "CLIPImagePreprocessor",
@@ -28,5 +23,7 @@ __all__ = [
     "CheckpointError",
     "ImageLoadError",
     "load_image",
+    "num_image_tokens",
+    "vision_config",
     "write_tiny_clip_checkpoint",
 ]

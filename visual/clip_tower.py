@@ -112,7 +112,7 @@ def _check_vision_tensors(
         raise CheckpointError(f"CLIP checkpoint {folder}: unexpected tensor {CHECKPOINT_PREFIX}{name}")
 
 
-def _resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
+def resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
     """hidden_states index (0 = embeddings, L = last layer; negatives count from the end) -> layers to run."""
     if not -(num_layers + 1) <= feature_layer <= num_layers:
         raise ValueError(
@@ -122,9 +122,17 @@ def _resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
     return feature_layer % (num_layers + 1)
 
 
-def inspect_checkpoint(folder: Path) -> tuple[CLIPVisionConfig, list[Path], dict]:
-    """Check a CLIP checkpoint folder from its config and the safetensors headers alone (no tensor is read):
-    -> (vision config, weight files, vision tensor locations). Raises CheckpointError naming the problem."""
+def num_image_tokens(config: CLIPVisionConfig) -> int:
+    """Feature rows per image, CLS dropped: the number of placeholder ids one image tag expands to
+    ((image_size // patch_size) ** 2: 256 for ViT-L/14 at 224 px). The one place this is computed."""
+    if config.patch_size < 1 or config.image_size % config.patch_size:
+        raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
+    return (config.image_size // config.patch_size) ** 2
+
+
+def vision_config(folder: str | os.PathLike) -> CLIPVisionConfig:
+    """The vision config of a CLIP checkpoint folder (a full CLIPModel's or a CLIPVisionModel's config.json),
+    read without touching the weights. Raises CheckpointError naming the problem."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"CLIP checkpoint folder {folder} does not exist (weights load from local folders only)")
@@ -136,7 +144,14 @@ def inspect_checkpoint(folder: Path) -> tuple[CLIPVisionConfig, list[Path], dict
         raise CheckpointError(
             f"CLIP checkpoint {folder}: config.json has model_type {model_type!r}, expected 'clip' or 'clip_vision_model'"
         )
-    config = CLIPVisionConfig.from_pretrained(folder, local_files_only=True)
+    return CLIPVisionConfig.from_pretrained(folder, local_files_only=True)
+
+
+def inspect_checkpoint(folder: Path) -> tuple[CLIPVisionConfig, list[Path], dict]:
+    """Check a CLIP checkpoint folder from its config and the safetensors headers alone (no tensor is read):
+    -> (vision config, weight files, vision tensor locations). Raises CheckpointError naming the problem."""
+    folder = Path(folder)
+    config = vision_config(folder)
     files = _safetensors_files(folder)
     found = _vision_tensor_locations(files)
     _check_vision_tensors(folder, config, found)
@@ -156,7 +171,7 @@ class CLIPVisionTower(nn.Module):
         self._config = config
         self._feature_layer = feature_layer
         self.select_feature = select_feature
-        self.num_layers_run = _resolve_feature_layer(feature_layer, config.num_hidden_layers)
+        self.num_layers_run = resolve_feature_layer(feature_layer, config.num_hidden_layers)
 
         # A CLIPVisionModel with only the layers we run; constructing it through transformers sets up
         # the attention implementation (SDPA) as from_pretrained would. post_layernorm is not kept.
@@ -221,7 +236,7 @@ class CLIPVisionTower(nn.Module):
     @property
     def num_patches(self) -> int:
         """Feature rows per image: the number of placeholder tokens one image expands to."""
-        return (self.image_size // self.patch_size) ** 2
+        return num_image_tokens(self._config)
 
     @property
     def hidden_size(self) -> int:

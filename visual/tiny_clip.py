@@ -24,10 +24,9 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
-from fileio import staged_folder
+from common.fileio import staged_folder
+from visual.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value the official preprocessor_config.json stores
 
 # The text tower exists only so that the folder is a real CLIPModel checkpoint; the project never
@@ -127,8 +126,8 @@ def preprocessor_config(image_size: int) -> dict:
         "do_normalize": True,
         "do_resize": True,
         "feature_extractor_type": "CLIPFeatureExtractor",
-        "image_mean": OPENAI_CLIP_MEAN,
-        "image_std": OPENAI_CLIP_STD,
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
         "resample": BICUBIC,
         "size": image_size,
     }

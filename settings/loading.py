@@ -1,13 +1,8 @@
-"""One typed source of truth for `config.yaml`.
+"""Reading a config file into the typed sections of `settings.sections`.
 
-Every section of the YAML file is a dataclass. Loading is strict: an unknown or misspelt key is a
-`ConfigError` that names it (and suggests the closest known key), a value of the wrong type too.
-Relative paths in the file are resolved against the directory of the file, so a config can be run
-from anywhere.
-
-The `model`, `lora` and `training` sections are parsed by `train.py` (through `HfArgumentParser`, so
-that command-line flags go on top); `data` is all `process_image.py` needs; `demo` only exists in
-the demo config and tells `train.sh` to build the demo's tiny models and synthetic data first.
+Loading is strict: an unknown or misspelt key is a `ConfigError` that names it and the file (and suggests
+the closest known key), a value of the wrong type too. Relative paths in the file are resolved against the
+file's folder, so a config can be run from anywhere.
 """
 
 from __future__ import annotations
@@ -17,62 +12,17 @@ import difflib
 import os
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .sections import DataConfig, DemoConfig, LoraConfig, ModelConfig
+
 
 class ConfigError(ValueError):
     """A config file or value that cannot be used; the message names the key and the file."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Sections
-# --------------------------------------------------------------------------------------------------
-
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # Qwen-7B-Chat's default
-
-
-@dataclass
-class ModelConfig:
-    """The models to build on, and how images reach the LLM. Saved into every checkpoint bundle."""
-
-    llm_path: str  # folder of Qwen-7B-Chat (or Qwen-7B): config.json, *.safetensors, qwen.tiktoken
-    vision_path: str  # folder of openai/clip-vit-large-patch14: config.json, weights, preprocessor_config.json
-    vision_feature_layer: int = -2  # hidden_states index of the CLIP layer whose patch features are used
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-
-
-@dataclass
-class DataSource:
-    """One raw data set: its format, its annotation file and the folder its image paths are relative to."""
-
-    format: str  # "aic" (AI Challenger captions) or "llava" (LLaVA conversations)
-    annotations: str
-    image_dir: str
-    limit: int | None = None  # keep at most this many rows of this source (the first ones)
-    name: str | None = None  # shown in the report; defaults to the annotation file's name
-
-
-@dataclass
-class DataConfig:
-    sources: list[DataSource]
-    output: str  # processed JSON Lines, written by process_image.py
-    val_output: str | None = None  # validation split; default: <output stem>.val.jsonl
-    val_size: int = 200  # samples held out for validation (at most 5% of the data)
-    seed: int = 1234  # prompt choice for captions and the validation split
-    num_workers: int = 4  # image-decoding processes in process_image.py (0: in the main process)
-    feature_cache: str | None = None  # optional folder of precomputed CLIP features (see README)
-    max_length: int = 2048  # tokens per training sample, image placeholders included
-
-    def resolved_val_output(self) -> str:
-        if self.val_output:
-            return self.val_output
-        out = Path(self.output)
-        return str(out.with_name(out.stem + ".val" + out.suffix))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,45 +119,63 @@ def resolve_path(value: str | None, base_dir: Path) -> str | None:
     return os.path.normpath(p if p.is_absolute() else (base_dir / p))
 
 
-def load_model_config(config_path: str | Path) -> ModelConfig:
-    """The `model` section of a config file, with its paths resolved."""
-    config_path = Path(config_path)
-    raw = read_yaml(config_path)
-    if "model" not in raw:
-        raise ConfigError(f"{config_path}: no 'model' section")
-    model = build(ModelConfig, raw["model"] or {}, f"{config_path}: model")
-    base = config_path.resolve().parent
-    model.llm_path = resolve_path(model.llm_path, base)
-    model.vision_path = resolve_path(model.vision_path, base)
-    return model
+SECTIONS = ("demo", "model", "data", "lora", "training")
+# Path-valued keys of each section, resolved against the config file's folder.
+PATH_KEYS = {
+    "demo": ("workdir",),
+    "model": ("llm_path", "vision_path"),
+    "data": ("output", "val_output", "feature_cache"),
+    "training": ("output_dir", "logging_dir", "deepspeed"),
+}
 
 
-def load_data_config(config_path: str | Path) -> DataConfig:
-    """The `data` section of a config file, with every path resolved."""
-    config_path = Path(config_path)
-    raw = read_yaml(config_path)
-    if "data" not in raw:
-        raise ConfigError(f"{config_path}: no 'data' section")
-    data = build(DataConfig, raw["data"] or {}, f"{config_path}: data")
-    base = config_path.resolve().parent
-    for src in data.sources:
-        src.annotations = resolve_path(src.annotations, base)
-        src.image_dir = resolve_path(src.image_dir, base)
-    data.output = resolve_path(data.output, base)
-    data.val_output = resolve_path(data.val_output, base)
-    data.feature_cache = resolve_path(data.feature_cache, base)
-    return data
+@dataclass
+class Config:
+    """A whole config file. Sections the file does not have are None (lora: its defaults); `training` stays a
+    mapping here, typed by `settings.training` (it needs transformers, which process_image.py does not)."""
+
+    path: Path
+    demo: DemoConfig | None = None
+    model: ModelConfig | None = None
+    data: DataConfig | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def require(self, section: str):
+        value = getattr(self, section)
+        if value is None or (section == "training" and not value):
+            raise ConfigError(f"{self.path}: no {section!r} section" + (
+                ": this config is not the demo" if section == "demo" else ""))
+        return value
 
 
-__all__ = [
-    "ConfigError",
-    "DataConfig",
-    "DataSource",
-    "ModelConfig",
-    "load_model_config",
-    "build",
-    "check_keys",
-    "load_data_config",
-    "read_yaml",
-    "resolve_path",
-]
+def load_config(path: str | os.PathLike, sections: tuple[str, ...] = SECTIONS) -> Config:
+    """The config file at `path`: its `sections` typed and with their paths resolved (the others are left
+    unread: process_image.py reads only `data`, so a half-written training section does not stop it)."""
+    path = Path(path)
+    raw = read_yaml(path)
+    check_keys(raw, list(SECTIONS), str(path))
+    base = path.resolve().parent
+    config = Config(path=path)
+    for name, cls in (("demo", DemoConfig), ("model", ModelConfig), ("data", DataConfig), ("lora", LoraConfig)):
+        if name in raw and name in sections:
+            setattr(config, name, build(cls, raw[name] or {}, f"{path}: {name}"))
+    training = raw.get("training") or {} if "training" in sections else {}
+    if not isinstance(training, dict):
+        raise ConfigError(f"{path}: training: expected a mapping, got {training!r}")
+    config.training = dict(training)
+    for name, keys in PATH_KEYS.items():
+        section = getattr(config, name)
+        if not section:
+            continue
+        for key in keys:
+            if isinstance(section, dict):
+                if isinstance(section.get(key), str):
+                    section[key] = resolve_path(section[key], base)
+            else:
+                setattr(section, key, resolve_path(getattr(section, key), base))
+    if config.data is not None:
+        for src in config.data.sources:
+            src.annotations = resolve_path(src.annotations, base)
+            src.image_dir = resolve_path(src.image_dir, base)
+    return config

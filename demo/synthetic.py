@@ -25,7 +25,6 @@ import functools
 import itertools
 import json
 import os
-import shutil
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from common.fileio import staged_folder
 
 
 @dataclass(frozen=True)
@@ -285,12 +286,7 @@ def write_demo_raw_data(
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32, got {image_size}")
     out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with staged_folder(out) as tmp:
         llava_items = plan_items(n_train, seed, "llava")
         names = _write_images(tmp / "llava_images", llava_items, image_size, seed, "llava")
         rng = np.random.default_rng([seed, 10])
@@ -310,17 +306,6 @@ def write_demo_raw_data(
             tmp / "heldout.json",
             [heldout_row(f"heldout_images/{n}", it) for n, it in zip(names, heldout_items)],
         )
-
-        if out.exists():  # move the old folder away first: a directory cannot be renamed onto a non-empty one
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return {
         "root": str(out),
         "llava_annotations": str(out / "llava_demo.json"),

@@ -1,4 +1,4 @@
-"""Answering prompts with images: the one generation path used by infer.py and the demo evaluation.
+"""Answering prompts with images: the one generation path used by infer.py, the evaluation and the demo.
 
 Prompts are built exactly as in training (`dataset.conversation.build_prompt_ids`: ChatML, user text encoded
 with specials disallowed, each `<|extra_0|>` tag expanded to the image's N placeholder ids), batched with
@@ -14,11 +14,29 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from dataset.collator import DataCollator
-from dataset.conversation import IMAGE_TAG, build_prompt_ids
-from qwen import stop_token_ids
-from qwen.chat_format import decode_response
+from dataset.conversation import build_prompt_ids
+from dataset.dataset import DataCollator
+from qwen import IMAGE_TAG, decode_response, stop_token_ids
 from qwen.tokenization_qwen import SPECIAL_START_ID
+
+IMAGE_MARK = "<image>"  # where an image goes in a prompt typed by a user (becomes IMAGE_TAG)
+
+
+class PromptError(ValueError):
+    """A prompt that does not fit its images (a count mismatch, a typed image tag); the message says which."""
+
+
+def query_with_images(text: str, n_images: int) -> str:
+    """The user text of a typed prompt with one image tag per image: at each `<image>` mark, or all in front
+    (one per line, the layout of training), when there is no mark."""
+    if IMAGE_TAG in text:  # user text never becomes special tokens, and a typed tag would be read as an image slot
+        raise PromptError(f"the prompt contains {IMAGE_TAG}: write {IMAGE_MARK} where an image goes")
+    marks = text.count(IMAGE_MARK)
+    if marks == 0:
+        return "".join(f"{IMAGE_TAG}\n" for _ in range(n_images)) + text
+    if marks != n_images:
+        raise PromptError(f"the prompt has {marks} {IMAGE_MARK} mark(s) but {n_images} image(s) were given")
+    return text.replace(IMAGE_MARK, IMAGE_TAG)
 
 
 class AllowedTokens(LogitsProcessor):
@@ -54,7 +72,7 @@ def prompt_tensors(prompts: list[Prompt], tokenizer, processor, system: str, num
     for p in prompts:
         n_tags = p.query.count(IMAGE_TAG) + sum(q.count(IMAGE_TAG) for q, _ in p.history or [])
         if n_tags != len(p.images):
-            raise ValueError(f"the prompt has {n_tags} image tag(s) but {len(p.images)} image(s) were given")
+            raise PromptError(f"the prompt has {n_tags} image tag(s) but {len(p.images)} image(s) were given")
         items.append({
             "input_ids": build_prompt_ids(tokenizer, p.query, p.history or [], system, num_image_tokens),
             "pixel_values": processor(p.images) if p.images else None,

@@ -1,0 +1,206 @@
+"""The demo's two miniature pretrainings, run by demo.prepare before the VLM training:
+
+- the tiny QWen's text pretraining: ChatML conversations that answer questions about a shape *described in
+  words* (the miniature of the real recipe's pretrained chat LLM: it knows the chat format and the answer
+  words; the VLM training then teaches it to read them from the image instead of from the description);
+- the tiny CLIP's contrastive image-caption training (the real tower was trained that way, which is why its
+  patch features tell a circle from a triangle), after which it is frozen like the real one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPModel
+
+from common.fileio import staged_file
+from dataprocess.aic import PROMPTS as CAPTION_PROMPTS
+from demo.synthetic import AIC_TEMPLATES, ATTRIBUTES, COLOURS, POSITIONS, QUESTIONS, SHAPES, Item, draw_image
+from qwen import DEFAULT_SYSTEM, make_context
+from qwen.tiny_vocab import DEFAULT_CORPUS
+from settings import DemoConfig
+from visual import CLIPImagePreprocessor
+
+# --------------------------------------------------------------------------------------------------
+# Text pretraining corpus: the demo's questions, about a shape described in words
+# --------------------------------------------------------------------------------------------------
+
+
+def describe(item, lang: str) -> str:
+    if lang == "en":
+        return f"The picture shows a {item.answer('colour', 'en')} {item.answer('shape', 'en')} in the {item.answer('position', 'en')} corner."
+    return f"图片的{item.answer('position', 'zh')}角有一个{item.answer('colour', 'zh')}的{item.answer('shape', 'zh')}。"
+
+
+def text_conversation(rng: np.random.Generator):
+    """(query, answer): a described shape and a question about it, or a caption request."""
+    item = Item(rng.choice(list(COLOURS)), rng.choice(list(SHAPES)), rng.choice(list(POSITIONS)))
+    if rng.random() < 0.15:
+        caption = AIC_TEMPLATES[rng.integers(len(AIC_TEMPLATES))].format(
+            p=item.answer("position", "zh"), c=item.answer("colour", "zh"), s=item.answer("shape", "zh")
+        )
+        return f"{describe(item, 'zh')}\n{CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))]}", caption
+    lang, attribute = list(QUESTIONS)[rng.integers(len(QUESTIONS))]
+    description = describe(item, lang if rng.random() < 0.8 else ("zh" if lang == "en" else "en"))
+    return f"{description}\n{QUESTIONS[lang, attribute]}", item.answer(attribute, lang)
+
+
+def encode_text_example(tokenizer, query: str, answer: str, system: str) -> tuple[list[int], list[int]]:
+    """ChatML ids (the official make_context) + answer + <|im_end|>; labels only on the answer and <|im_end|>."""
+    _, context = make_context(tokenizer, query, history=[], system=system)
+    target = tokenizer.encode(answer, allowed_special=set()) + [tokenizer.im_end_id]
+    return context + target, [-100] * len(context) + target
+
+
+# Text about the demo's world (coloured shapes in a picture), in English and Chinese.
+DEMO_CORPUS = """\
+What is in this picture? This picture shows a red circle in the top left corner.
+There is a green square in the top right corner and a blue triangle in the bottom left corner.
+A yellow circle is at the bottom right. The purple square is in the middle of the image.
+An orange triangle sits near the left edge; a red square sits near the right edge.
+What color is the circle? The circle is red. What shape is at the top? A green square is at the top.
+Where is the blue triangle? The blue triangle is in the bottom left of the picture.
+How many shapes are there? There are three shapes: a circle, a square and a triangle.
+Which shape is on the left? The yellow triangle is on the left, and the purple circle is on the right.
+The colors are red, green, blue, yellow, purple and orange. The shapes are circle, square and triangle.
+Describe the image. The image has a white background with two shapes: an orange circle at the top
+and a blue square at the bottom. The circle is small and the square is large.
+Is there a red triangle? No, there is no red triangle. There is a red circle and a green triangle.
+Please describe the colors and positions of all shapes in the picture, one by one.
+User: What do you see? Assistant: I see a purple triangle in the top right corner of the picture.
+You are a helpful assistant. Answer the question about the image in one short sentence.
+What is in the picture?
+A red circle and a blue square.
+Each shape has one color and one position. The big square is blue; the small circle is orange.
+The learning rate was 0.0002, the batch size was 16, and each image became 256 tokens.
+for shape in ["circle", "square", "triangle"]:
+    print(f"{shape}: {area(3, 4)}")
+    result = {"color": "red", "shape": "circle", "position": [1, 2]}
+Count the objects: one circle, two squares, three triangles, four stars and five lines.
+Move the small green circle to the upper left, then put the large orange square in the lower right.
+这是什么？这是一张图片。图片的左上角有一个红色的圆形，右上角有一个绿色的正方形。
+左下角有一个蓝色的三角形，右下角有一个黄色的圆形。图片中间有一个紫色的正方形。
+这个圆形是什么颜色？这个圆形是红色的。这个三角形在什么位置？这个三角形在左下角。
+图片里有几个形状？图片里有三个形状：一个圆形、一个正方形和一个三角形。
+请描述图片中每个形状的颜色和位置。橙色的三角形在右上，紫色的圆形在左上。
+颜色有红色、绿色、蓝色、黄色、紫色和橙色。形状有圆形、正方形和三角形。
+位置有左上、右上、左下、右下、上面、下面、左边、右边和中间。
+这张图片的背景是白色的，上面有两个形状：一个橙色的圆形和一个蓝色的正方形。
+图片上方是一个绿色的正方形，下方是一个红色的三角形。这是什么形状？这是正方形。
+用户：你看到了什么？助手：我看到图片右下角有一个黄色的三角形。
+你是一个有用的助手。请用一句话回答关于图片的问题。
+模型在七万七千条对话和二十一万条描述上训练了三轮，每张图片变成二百五十六个词元。
+红色。绿色。蓝色。黄色。紫色。橙色。圆形。正方形。三角形。
+左上，右上，左下，右下。颜色，形状，位置，图片。这是什么？这是什么颜色？这是什么形状？
+数一数：一个圆形，两个正方形，三个三角形，四颗星星和五条线。
+把小的绿色圆形移到左上，再把大的橙色正方形放到右下。请看图片并回答问题。
+"""
+
+
+def vocab_corpus() -> str:
+    """The tiny BPE's training text: the built-in corpus, the demo's own text, its questions and answer words.
+
+    A real Qwen vocabulary has "blue", "circle", "bottom" and "正方形" as whole tokens; learnt from the
+    built-in corpus alone, an answer at the start of a reply ("blue", no leading space) is split into
+    single letters. Each supervised token costs a 151936-way softmax, so this also keeps training cheap.
+    """
+    answers = [getattr(word, lang) for vocab in ATTRIBUTES.values() for word in vocab.values() for lang in ("en", "zh")]
+    lines = answers * 4 + list(QUESTIONS.values()) + list(CAPTION_PROMPTS)
+    return DEFAULT_CORPUS + DEMO_CORPUS + "\n".join(lines) + "\n"
+
+
+def pretrain_text(model, tokenizer, demo: DemoConfig, log_every: int = 50) -> list[float]:
+    """Full-parameter next-token training on the text corpus (answers supervised). Returns the losses."""
+    rng = np.random.default_rng([demo.seed, 7])
+    device = next(model.parameters()).device  # CPU in the demo; any device works
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=demo.pretrain_learning_rate, weight_decay=0.0, fused=True)  # 10x faster on CPU
+    warmup = max(demo.pretrain_steps // 20, 1)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(demo.pretrain_steps - warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    model.train()
+    losses, started = [], time.time()
+    for step in range(demo.pretrain_steps):
+        batch = [encode_text_example(tokenizer, *text_conversation(rng), DEFAULT_SYSTEM)
+                 for _ in range(demo.pretrain_batch_size)]
+        T = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), T), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), T), -100)
+        for i, (ids, lab) in enumerate(batch):  # right padding: the causal mask alone keeps pads out of real rows
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+        for group in optimizer.param_groups:
+            group["lr"] = demo.pretrain_learning_rate * lr_at(step)
+        loss = model(input_ids=input_ids.to(device), labels=labels.to(device), return_logits=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step == 0:
+            print(f"  text pretraining step {step + 1}/{demo.pretrain_steps}  loss {loss.item():.3f}  "
+                  f"({time.time() - started:.0f} s)", flush=True)
+    model.eval()
+    return losses
+
+
+# --------------------------------------------------------------------------------------------------
+# CLIP's own pretraining, in miniature
+# --------------------------------------------------------------------------------------------------
+
+CLIP_PROMPT = "a photo of a {c} {s} in the {p} corner"  # CLIP-style English captions
+
+
+def pretrain_clip(clip_dir: Path, demo: DemoConfig, log_every: int = 50) -> list[float]:
+    """Contrastive image-text training of the tiny CLIP (both towers), then saved over its weights.
+
+    The real tower (openai/clip-vit-large-patch14) was trained this way on captioned pictures, which is why
+    its patch features tell a circle from a triangle; a random tower's barely do (DEMO-NOTES.md). The
+    pictures are drawn here, in memory, from their own random streams ([seed, 100, k]): none of them is a
+    VLM training or held-out image. Each batch holds distinct captions (CLIP's loss treats every other
+    caption of the batch as a negative). The text tower reads word ids in the official layout: start and
+    end of text are the last two ids, and the end of text, the largest id, is where CLIP pools.
+    """
+    model = CLIPModel.from_pretrained(clip_dir)
+    processor = CLIPImagePreprocessor.from_pretrained(clip_dir)
+    items = [Item(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
+    captions = [CLIP_PROMPT.format(c=it.colour, s=it.shape, p=it.position).split() for it in items]
+    words = {w: i + 1 for i, w in enumerate(sorted({w for caption in captions for w in caption}))}
+    vocab_size = model.config.text_config.vocab_size
+    sot, eot = vocab_size - 2, vocab_size - 1
+    text_ids = torch.tensor([[sot, *(words[w] for w in caption), eot] for caption in captions])  # all equally long
+
+    n = demo.clip_pretrain_images_per_caption
+    pictures = [draw_image(item, demo.image_size, np.random.default_rng([demo.seed, 100, k * n + j]))
+                for k, item in enumerate(items) for j in range(n)]
+    pixels = torch.cat([processor(pictures[i:i + 256]) for i in range(0, len(pictures), 256)])  # [72 n, 3, H, W]
+
+    rng = np.random.default_rng([demo.seed, 101])
+    batch = min(demo.clip_pretrain_batch_size, len(items))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=demo.clip_pretrain_learning_rate, weight_decay=0.0)
+    model.train()
+    losses, started = [], time.time()
+    for step in range(demo.clip_pretrain_steps):
+        chosen = torch.from_numpy(rng.permutation(len(items))[:batch])
+        picture = chosen * n + torch.from_numpy(rng.integers(0, n, size=batch))
+        loss = model(input_ids=text_ids[chosen], pixel_values=pixels[picture], return_loss=True).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step == 0:
+            print(f"  CLIP pretraining step {step + 1}/{demo.clip_pretrain_steps}  loss {loss.item():.3f}  "
+                  f"({time.time() - started:.0f} s)", flush=True)
+    with staged_file(clip_dir / "model.safetensors") as temp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, temp, metadata={"format": "pt"})
+    return losses

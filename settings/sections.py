@@ -1,0 +1,92 @@
+"""The sections of a config file, typed. Every default lives here, once.
+
+    demo:      DemoConfig   only in the demo config: tiny models and synthetic data built by demo.prepare
+    model:     ModelConfig  the base models and how images reach the LLM (saved into every checkpoint)
+    data:      DataConfig   raw sources -> processed JSON Lines (process_image.py), and the training length
+    lora:      LoraConfig   the adapter on the LLM
+    training:  any transformers.TrainingArguments field, plus ours (settings.training.TrainArguments)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwen.chat_format import DEFAULT_SYSTEM
+
+# Qwen's own fine-tuning targets: the fused QKV, both output projections (attention and MLP) and the two MLP
+# input projections. Matched as suffixes of module paths inside QWen's blocks only.
+DEFAULT_LORA_TARGETS = ("c_attn", "c_proj", "w1", "w2")
+
+
+@dataclass
+class ModelConfig:
+    """The models to build on, and how images reach the LLM. Saved into every checkpoint bundle."""
+
+    llm_path: str  # folder of Qwen-7B-Chat (or Qwen-7B): config.json, *.safetensors, qwen.tiktoken
+    vision_path: str  # folder of openai/clip-vit-large-patch14: config.json, weights, preprocessor_config.json
+    vision_feature_layer: int = -2  # hidden_states index of the CLIP layer whose patch features are used
+    system_prompt: str = DEFAULT_SYSTEM
+
+
+@dataclass
+class DataSource:
+    """One raw data set: its format, its annotation file and the folder its image paths are relative to."""
+
+    format: str  # "aic" (AI Challenger captions) or "llava" (LLaVA conversations)
+    annotations: str
+    image_dir: str
+    limit: int | None = None  # keep at most this many rows of this source (the first ones)
+    name: str | None = None  # shown in the report; defaults to the annotation file's name
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSource]
+    output: str  # processed JSON Lines, written by process_image.py
+    val_output: str | None = None  # validation split; default: <output stem>.val.jsonl
+    val_size: int = 200  # samples held out for validation (at most 5% of the data)
+    seed: int = 1234  # prompt choice for captions and the validation split
+    num_workers: int = 4  # image-decoding processes in process_image.py (0: in the main process)
+    feature_cache: str | None = None  # optional folder of precomputed CLIP features (see README)
+    max_length: int = 2048  # tokens per training sample, image placeholders included
+
+    def resolved_val_output(self) -> str:
+        if self.val_output:
+            return self.val_output
+        out = Path(self.output)
+        return str(out.with_name(out.stem + ".val" + out.suffix))
+
+
+@dataclass
+class LoraConfig:
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    train_embeddings: bool = field(
+        default=False, metadata={"help": "also train wte and lm_head (needed when starting from base Qwen-7B)"}
+    )
+
+
+@dataclass
+class DemoConfig:
+    workdir: str = ".demo"
+    seed: int = 0
+    image_size: int = 112
+    n_train_images: int = 1000  # LLaVA-format conversations (6 questions each)
+    n_caption_images: int = 300  # AI Challenger-format captions, on other images
+    n_heldout_images: int = 200  # for demo_eval.json, on images of neither set
+    qwen: dict = field(default_factory=lambda: {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                "intermediate_size": 512})
+    clip: dict = field(default_factory=lambda: {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                "intermediate_size": 256, "patch_size": 14,
+                                                "position_embedding_scale": 16.0})
+    vocab_size: int = 1024  # BPE ranks of the tiny vocabulary (specials stay at 151643..)
+    pretrain_steps: int = 300
+    pretrain_batch_size: int = 32
+    pretrain_learning_rate: float = 3e-3
+    clip_pretrain_steps: int = 500  # contrastive image-text training of the tiny CLIP before it is frozen (0: none)
+    clip_pretrain_batch_size: int = 64  # distinct captions per batch (at most the 72 there are)
+    clip_pretrain_learning_rate: float = 1e-3
+    clip_pretrain_images_per_caption: int = 12  # pictures drawn for each of the 72 captions
