@@ -21,6 +21,7 @@ import torch
 from common.fileio import staged_folder
 
 from .checkpoint import save_sharded_safetensors
+from .tiny_vocab import write_tiny_vocab
 
 # The official vocabulary size (151643 BPE ranks + 208 specials, padded to a multiple of 128).
 QWEN_VOCAB_SIZE = 151936
@@ -164,7 +165,5 @@ def write_tiny_qwen_checkpoint(
         if vocab_file is not None:
             shutil.copyfile(vocab_file, staging / "qwen.tiktoken")
         else:
-            from .tiny_vocab import write_tiny_vocab
-
             write_tiny_vocab(staging / "qwen.tiktoken")
     return path

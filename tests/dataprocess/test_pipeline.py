@@ -24,7 +24,7 @@ from qwen import IMAGE_TAG
 from settings import ConfigError, load_config
 from visual.images import load_image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEED = 1234
 
 
@@ -553,7 +553,7 @@ def test_unknown_data_key_is_a_config_error(raw):
     data = yaml.safe_load((raw / "config.yaml").read_text(encoding="utf-8"))["data"]
     data["sources"][0]["image_folder"] = "images"
     with pytest.raises(ConfigError, match="unknown key 'image_folder'"):
-        load_config(write_config(raw, data, name="bad.yaml"), sections=("data",)).data
+        load_config(write_config(raw, data, name="bad.yaml"), sections=("data",))
 
 
 def test_relative_paths_resolve_against_the_config_folder(raw, monkeypatch):

@@ -35,7 +35,7 @@ NL = 198  # "\n" in the real vocabulary
 SYSTEM, USER, ASSISTANT = 8948, 872, 77091  # "system", "user", "assistant" in the real vocabulary
 SYS_PROMPT = "You are a helpful assistant."
 TAG = "<|extra_0|>"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def text(tok, s):

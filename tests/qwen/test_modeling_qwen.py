@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from qwen import QWenConfig, QWenLMHeadModel
 from qwen.tiny import random_qwen_state_dict, tiny_qwen_config, write_tiny_qwen_checkpoint
-from tests.qwen_reference import reference_forward, reference_loss
+from tests.qwen.reference import reference_forward, reference_loss
 
 VOCAB = 512  # model-only tests don't need the 151936-row embedding
 SEQ_LENGTH = 16  # short training length, so that NTK scaling and logn kick in at tiny sizes
