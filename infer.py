@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 from pathlib import Path
 
 from common.fileio import write_text
@@ -36,30 +35,16 @@ def prompts_of(items: list[tuple[str, list[str]]]):
 
 def run_single(loaded, args) -> None:
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "system": args.system}
-    prompts = prompts_of([(args.prompt, args.image)])
+    prompt = prompts_of([(args.prompt, args.image)])[0]
     if not args.stream:
-        print(loaded.generate(prompts, **gen)[0])
+        print(loaded.generate([prompt], **gen)[0])
         return
-    from transformers import TextIteratorStreamer
-
-    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    errors = []
-
-    def work():
-        try:
-            loaded.generate(prompts, streamer=streamer, **gen)
-        except Exception as e:  # reported after the stream closes
-            errors.append(e)
-            streamer.end()
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    for piece in streamer:
-        print(piece, end="", flush=True)
-    thread.join()
+    shown = ""
+    for text in loaded.stream(prompt, **gen):
+        if text.startswith(shown):  # the last value is the finished answer (stripped): nothing more to print
+            print(text[len(shown):], end="", flush=True)
+            shown = text
     print()
-    if errors:
-        raise errors[0]
 
 
 def run_batch(loaded, args) -> int:
@@ -121,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Imported after the arguments are parsed: torch and transformers take seconds, `--help` should not.
-    from inference import latest_checkpoint, load_checkpoint, query_with_images
+    from inference import load_checkpoint, query_with_images
     from visual import ImageLoadError
 
     try:
@@ -135,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in args.image:
                 if not Path(path).is_file():
                     raise UsageError(f"image not found: {path}")
-        checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint()
-        loaded = load_checkpoint(checkpoint, device=args.device, llm_path=args.llm_path, vision_path=args.vision_path)
+        loaded = load_checkpoint(args.checkpoint, device=args.device, llm_path=args.llm_path, vision_path=args.vision_path)
         if args.batch:
             return run_batch(loaded, args)
         run_single(loaded, args)

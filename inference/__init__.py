@@ -1,16 +1,31 @@
-"""Answering with a trained checkpoint: loading it (`loading`) and generating (`generation`): the one path
-used by infer.py, the evaluation, the demo and the web UI."""
+"""Answering with a trained checkpoint: loading it (`loading`: one LoadedCheckpoint with batched and streamed
+answers) and generating (`generation`: prompts, conversations with images, the one generation path), used by
+infer.py, webui.py, the evaluation and the demo."""
 
-from .generation import IMAGE_MARK, Prompt, PromptError, generate_answers, query_with_images
-from .loading import LoadedCheckpoint, latest_checkpoint, load_checkpoint
+from .generation import (
+    IMAGE_MARK,
+    Prompt,
+    PromptError,
+    StopOnEvent,
+    Turn,
+    chat_prompt,
+    fit_history,
+    generate_answers,
+    query_with_images,
+)
+from .loading import LoadedCheckpoint, find_checkpoint, load_checkpoint
 
 __all__ = [
     "IMAGE_MARK",
     "LoadedCheckpoint",
     "Prompt",
     "PromptError",
+    "StopOnEvent",
+    "Turn",
+    "chat_prompt",
+    "find_checkpoint",
+    "fit_history",
     "generate_answers",
-    "latest_checkpoint",
     "load_checkpoint",
     "query_with_images",
 ]

@@ -1,4 +1,4 @@
-"""Answering prompts with images: the one generation path used by infer.py, the evaluation and the demo.
+"""Answering prompts with images: the one generation path used by infer.py, webui.py, the evaluation and the demo.
 
 Prompts are built exactly as in training (`dataset.conversation.build_prompt_ids`: ChatML, user text encoded
 with specials disallowed, each `<|extra_0|>` tag expanded to the image's N placeholder ids), batched with
@@ -9,14 +9,17 @@ between the tokenizer's last rank and the specials, no padding rows of the embed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
 from dataset.conversation import build_prompt_ids
 from dataset.dataset import DataCollator
 from qwen import IMAGE_TAG, decode_response, stop_token_ids
+from qwen.chat_format import DEFAULT_MAX_WINDOW_SIZE
 from qwen.tokenization_qwen import SPECIAL_START_ID
 
 IMAGE_MARK = "<image>"  # where an image goes in a prompt typed by a user (becomes IMAGE_TAG)
@@ -66,6 +69,48 @@ class Prompt:
     history: list[tuple[str, str]] | None = None
 
 
+@dataclass
+class Turn:
+    """One finished exchange of a conversation: the query (image tags in place), its images in tag order, the
+    answer."""
+
+    query: str
+    images: list = field(default_factory=list)
+    answer: str = ""
+
+
+def chat_prompt(query: str, images: Sequence, history: Sequence[Turn] = ()) -> Prompt:
+    """The Prompt that asks `query` (with its `images`) after `history`: every image in the order of its tag."""
+    return Prompt(
+        query,
+        [image for turn in history for image in turn.images] + list(images),
+        [(turn.query, turn.answer) for turn in history],
+    )
+
+
+def fit_history(tokenizer, query: str, history: Sequence[Turn], *, system: str, num_image_tokens: int,
+                max_window_size: int = DEFAULT_MAX_WINDOW_SIZE) -> list[Turn]:
+    """The newest turns of `history` whose prompt (with `query`) stays within max_window_size tokens.
+    Whole turns are dropped with their images; the query itself is always kept."""
+    kept = list(history)
+    while kept:
+        pairs = [(turn.query, turn.answer) for turn in kept]
+        if len(build_prompt_ids(tokenizer, query, pairs, system, num_image_tokens)) <= max_window_size:
+            break
+        kept.pop(0)
+    return kept
+
+
+class StopOnEvent(StoppingCriteria):
+    """Ends generation (every row) at the next token once `event` is set (a stop button)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def prompt_tensors(prompts: list[Prompt], tokenizer, processor, system: str, num_image_tokens: int):
     """Left-padded input_ids, attention_mask (from lengths) and the concatenated pixel_values of a batch."""
     items = []
@@ -95,10 +140,11 @@ def generate_answers(
     top_p: float = 0.8,
     repetition_penalty: float | None = None,
     streamer=None,
+    stopping_criteria=None,
     pixel_override=None,
 ) -> list[str]:
     """Answers for a batch of prompts (greedy when temperature is 0). `pixel_override(pixels)` lets the demo
-    evaluation blank the images after preprocessing."""
+    evaluation blank the images after preprocessing; `stopping_criteria` (a stop button's) end it early."""
     input_ids, attention_mask, pixel_values = prompt_tensors(prompts, tokenizer, processor, system, num_image_tokens)
     device = next(model.parameters()).device
     if pixel_values is not None:
@@ -121,5 +167,6 @@ def generate_answers(
         pad_token_id=tokenizer.pad_token_id,
         logits_processor=LogitsProcessorList([AllowedTokens(allowed_token_mask(tokenizer, model.config.vocab_size))]),
         streamer=streamer,
+        stopping_criteria=stopping_criteria,
     )
     return [decode_response(tokenizer, row) for row in out[:, input_ids.shape[1]:].tolist()]

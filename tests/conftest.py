@@ -107,3 +107,22 @@ def tiny_clip_dir(tmp_path_factory):
     return write_tiny_clip_checkpoint(
         tmp_path_factory.mktemp("clip") / "tiny-clip", image_size=56, hidden_size=32, intermediate_size=64
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory, tiny_llm_dir, tiny_clip_dir):
+    """A trained-looking checkpoint bundle of the tiny models: LoRA and projector set to random values (seed 1),
+    so that answers are deterministic gibberish that depends on the image and the whole prompt."""
+    import torch
+
+    from model import apply_lora, build_vlm, bundle_config_for, save_bundle
+
+    model = build_vlm(tiny_llm_dir, tiny_clip_dir)
+    peft_model = apply_lora(model, r=4, alpha=8, verbose=False)
+    torch.manual_seed(1)
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.2 if "lora_" in name or "projector" in name else 0.05)
+    folder = tmp_path_factory.mktemp("bundle") / "tiny-vlm"
+    save_bundle(peft_model.eval(), folder, bundle_config_for(model, tiny_llm_dir, tiny_clip_dir, "You are a test."))
+    return folder
