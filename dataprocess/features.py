@@ -14,9 +14,9 @@ Layout of the cache folder:
     features-00000.safetensors ...  one tensor [N, C] per image, in image path order, files of at most 1 GiB
 
 manifest.json: `format`; the identity, which must equal the model's (`cache_identity`): `vision_path`
-(resolved), `vision_feature_layer` (as a hidden_states index >= 0; `vision_feature_layer_config` keeps the
-configured value), `image_size`, `num_patches` (N), `hidden_size` (C), `preprocessor` (every
-CLIPImagePreprocessor setting); then `dtype`, `feature_shape`, `num_images`, `shards` (file, images, bytes:
+(resolved), `weights` (the SHA-256 of each of the tower's weight files), `vision_feature_layer` (as a
+hidden_states index >= 0; `vision_feature_layer_config` keeps the configured value), `image_size`,
+`num_patches` (N), `hidden_size` (C), `preprocessor` (every CLIPImagePreprocessor setting); then `dtype`, `feature_shape`, `num_images`, `shards` (file, images, bytes:
 checked when the cache is opened) and `skipped` (path and reason of each image that did not decode).
 
 The whole folder is built under a temporary name beside it and renamed into place, so it is either the old
@@ -24,13 +24,21 @@ complete cache or the new complete one (a rebuild needs the disk space of both f
 image; with images missing it writes a new cache, copying the features it already has and computing the
 others; a cache of another tower, layer or preprocessing is refused (rebuild it with --rebuild-features).
 Images are keyed by their path as written in the processed files: after replacing image files in place,
-rebuild. Features are computed on the GPU in bf16 when there is one, else on the CPU in fp32. The same inputs,
+rebuild.
+
+The weights are identified by their content, not by their folder, size or time stamp: weights rewritten in
+place (the demo's CLIP pretraining does that; so does copying another checkpoint over the folder, which may
+keep the size and even the time stamp) make the cache stale, and it is refused. Hashing is streamed
+(SHA-256, about 1 s per GB on one core with SHA extensions; 1.7 GB for ViT-L/14) and done once per process
+for a given file (keyed by path, size, mtime, ctime and inode), so checking a cache and then completing it
+hashes the files once. Features are computed on the GPU in bf16 when there is one, else on the CPU in fp32. The same inputs,
 machine and batch size give byte-identical files, whatever the number of decoding workers (the batch size
 matters in the last bits: matrix kernels round differently for another number of images per call).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -47,7 +55,13 @@ from tqdm import tqdm
 
 from common.fileio import fsync_file, staged_folder, write_json
 from dataprocess.schema import read_samples
-from visual.clip_tower import CLIPVisionTower, num_image_tokens, resolve_feature_layer, vision_config
+from visual.clip_tower import (
+    CLIPVisionTower,
+    inspect_checkpoint,
+    num_image_tokens,
+    resolve_feature_layer,
+    vision_config,
+)
 from visual.images import CLIPImagePreprocessor, ImageLoadError, load_image
 
 CACHE_FORMAT = "clip-feature-cache/1"
@@ -61,8 +75,9 @@ HEADER_BYTES = 128
 HEADER_BYTES_PER_TENSOR = 128
 # Fields of the manifest that must equal the model's for the features to be the ones its tower would compute.
 IDENTITY_KEYS = (
-    "vision_path", "vision_feature_layer", "image_size", "num_patches", "hidden_size", "preprocessor",
+    "vision_path", "weights", "vision_feature_layer", "image_size", "num_patches", "hidden_size", "preprocessor",
 )
+HASH_CHUNK_BYTES = 8 << 20
 
 
 class FeatureCacheError(ValueError):
@@ -74,15 +89,39 @@ class FeatureCacheError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
+_file_digests: dict[tuple[str, int, int, int, int], str] = {}  # (path, size, mtime, ctime, inode) -> sha256
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's content, read in chunks; computed once per process for a file left unchanged."""
+    path = os.path.realpath(path)
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key not in _file_digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK_BYTES):
+                digest.update(chunk)
+        _file_digests[key] = digest.hexdigest()
+    return _file_digests[key]
+
+
+def weights_identity(vision_path: str | os.PathLike) -> dict[str, str]:
+    """{weight file name: "sha256:<hex>"} of a CLIP checkpoint folder (the files the tower is loaded from)."""
+    _, files, _ = inspect_checkpoint(Path(vision_path))
+    return {file.name: "sha256:" + file_sha256(file) for file in files}
+
+
 def cache_identity(vision_path: str | os.PathLike, vision_feature_layer: int) -> dict[str, Any]:
-    """What determines the features: the tower's folder, the hidden_states index used, the image geometry and
-    the preprocessing. Read from the checkpoint's JSON files only (no weights loaded)."""
+    """What determines the features: the tower's folder and the content of its weight files, the hidden_states
+    index used, the image geometry and the preprocessing. The weights are hashed, not loaded."""
     folder = os.path.realpath(vision_path)
     config = vision_config(folder)
     processor = CLIPImagePreprocessor.from_pretrained(folder)
     settings = {f.name: getattr(processor, f.name) for f in fields(processor) if f.init}
     return {
         "vision_path": folder,
+        "weights": weights_identity(folder),
         "vision_feature_layer": resolve_feature_layer(vision_feature_layer, config.num_hidden_layers),
         "image_size": config.image_size,
         "num_patches": num_image_tokens(config),
@@ -91,9 +130,19 @@ def cache_identity(vision_path: str | os.PathLike, vision_feature_layer: int) ->
     }
 
 
+def _weights_difference(recorded: Any, expected: dict[str, str]) -> str:
+    if not isinstance(recorded, dict):
+        return "the cache does not record which weights computed it (written by an older version)"
+    changed = [f"{name} {str(recorded.get(name))[:15]}... in the cache, {digest[:15]}... now"
+               for name, digest in expected.items() if recorded.get(name) != digest]
+    changed += [f"{name} is no longer in the tower's folder" for name in recorded if name not in expected]
+    return "the tower's weights changed since the cache was computed (" + "; ".join(changed) + ")"
+
+
 def identity_differences(recorded: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     return [
-        f"{key} {recorded.get(key)!r} in the cache, {expected[key]!r} for the model"
+        _weights_difference(recorded.get(key), expected[key]) if key == "weights"
+        else f"{key} {recorded.get(key)!r} in the cache, {expected[key]!r} for the model"
         for key in IDENTITY_KEYS
         if recorded.get(key) != expected[key]
     ]

@@ -220,3 +220,52 @@ def test_an_image_that_does_not_decode_is_skipped_and_counted(project, tiny_clip
     assert cache(good).shape == (2, 16, 32)
     with pytest.raises(ImageLoadError, match="not in the feature cache"):
         cache([bad[0]])
+
+
+def test_weights_rewritten_in_place_make_the_cache_stale(project, tiny_clip_dir, tmp_path, capsys):
+    """The demo's CLIP pretraining rewrites model.safetensors in its folder: same folder, config and
+    preprocessing, other features. The cache records the weights' SHA-256 and refuses the changed tower."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from common.fileio import staged_file
+
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, clip)
+    images = images_of_jsonl([project / "data" / "train.jsonl", project / "data" / "train.val.jsonl"])
+    kwargs = dict(vision_path=clip, progress=False)
+    build_feature_cache(images, tmp_path / "features", **kwargs)
+    manifest = json.loads((tmp_path / "features" / MANIFEST_FILE).read_text())
+    digest = features.hashlib.sha256((clip / "model.safetensors").read_bytes()).hexdigest()
+    assert manifest["weights"] == {"model.safetensors": "sha256:" + digest}
+
+    # rewriting the same bytes (a new inode and time stamp) keeps the cache: it is the content that counts
+    same = (clip / "model.safetensors").read_bytes()
+    with staged_file(clip / "model.safetensors") as temp:
+        temp.write_bytes(same)
+    assert build_feature_cache(images, tmp_path / "features", **kwargs).reused
+
+    # new weights written in place, as demo.pretrain.pretrain_clip saves them
+    weights = load_file(clip / "model.safetensors")
+    weights["vision_model.encoder.layers.0.mlp.fc1.weight"] += 0.01
+    with staged_file(clip / "model.safetensors") as temp:
+        save_file(weights, str(temp), metadata={"format": "pt"})
+    with pytest.raises(FeatureCacheError, match="the tower's weights changed since the cache was computed") as error:
+        build_feature_cache(images, tmp_path / "features", **kwargs)
+    assert "model.safetensors sha256:" + digest[:8] in str(error.value) and "--rebuild-features" in str(error.value)
+
+    # train.py refuses it too, before building anything
+    config = yaml.safe_load((project / "config.yaml").read_text())
+    config["model"]["vision_path"] = str(clip)
+    config["data"]["feature_cache"] = str(tmp_path / "features")
+    config["training"]["output_dir"] = str(tmp_path / "out")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert train.main(["--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "the tower's weights changed" in err and "--rebuild-features" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+    rebuilt = build_feature_cache(images, tmp_path / "features", rebuild=True, **kwargs)
+    assert rebuilt.computed == len(images)
+    assert train.open_feature_cache(train.parse_train_args(["--config", str(tmp_path / "c.yaml")])) is not None
