@@ -1,7 +1,9 @@
 """Raw data → processed training data: `python process_image.py --config config.yaml [--cache-features]`.
 
 Reads the `data` section of the config, converts every source to unified samples, decodes every image
-once, and writes the train JSONL (`data.output`), the validation JSONL and `<output>.report.json`.
+once, and writes the train JSONL (`data.output`), the validation JSONL and `<output>.report.json`. The two
+JSONL files are published as one set (links through one pointer, `common.fileset`): a killed run leaves the
+previous pair or the new one. An output that is one of the annotations files is an error.
 
 With --cache-features it then also computes the frozen CLIP tower's patch features of every image of the
 written files into the folder `data.feature_cache` (this needs the `model` section too: `vision_path`,

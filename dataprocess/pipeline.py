@@ -7,8 +7,10 @@ Steps, in order:
    `visual.load_image`, the reader training and inference use, so all stages agree on what a good image
    is; JPEGs are decoded at a reduced scale (libjpeg DCT scaling; the whole file is still read and
    entropy-decoded, so truncation is still caught) to keep a 10k px photo from costing gigabytes;
-4. split off the validation samples (deterministic from the seed) and write both files and the report,
-   each to a temporary name first, then renamed: a crash never leaves a half-written output.
+4. split off the validation samples (deterministic from the seed) and publish the training and validation
+   files as one set (`common.fileset.publish_together`: both paths are links through one pointer, switched
+   by a single rename), then write the report whole: a crash never leaves a half-written file, nor a
+   training file of one run beside a validation file of another.
 Same inputs and seed give byte-identical files, whatever the number of workers.
 """
 
@@ -28,6 +30,8 @@ from typing import Any
 from tqdm import tqdm
 
 from common.fileio import write_files
+from common.fileset import publish_together, remove_partials
+from common.paths import same_file
 from dataprocess.aic import convert_aic
 from dataprocess.llava import convert_llava
 from dataprocess.report import build_report, source_entry
@@ -86,15 +90,24 @@ def check_data_config(cfg: DataConfig) -> None:
 
 
 def check_inputs(cfg: DataConfig) -> None:
-    """Every annotations file and image folder exists, and the outputs are not folders; raises PathError."""
+    """Every annotations file and image folder exists, and the outputs are neither folders nor one of the
+    annotations files (compared resolved: links, relative paths); raises PathError."""
     for src in cfg.sources:
         if not os.path.isfile(src.annotations):
             raise PathError(f"annotations file not found: {src.annotations} (source {source_name(src)!r})")
         if not os.path.isdir(src.image_dir):
             raise PathError(f"image folder not found: {src.image_dir} (source {source_name(src)!r})")
-    for path in (cfg.output, cfg.resolved_val_output(), report_path(cfg)):
+    outputs = {"data.output": cfg.output, "the validation output": cfg.resolved_val_output(),
+               "the report": report_path(cfg)}
+    for label, path in outputs.items():
         if os.path.isdir(path):
             raise PathError(f"output path is a folder: {path}")
+        for src in cfg.sources:
+            if same_file(path, src.annotations):
+                raise PathError(
+                    f"{label} {path} is the annotations file of source {source_name(src)!r}: an output is never "
+                    "one of the inputs; write it elsewhere"
+                )
 
 
 def read_rows(path: str) -> list[Any]:
@@ -222,13 +235,18 @@ def split_validation(samples: list[dict[str, Any]], val_size: int, seed: int) ->
 # --------------------------------------------------------------------------------------------------
 
 
-def write_outputs(contents: dict[str, Iterable[str]]) -> None:
-    """Write the files whole (`common.fileio.write_files`); an OS error (no permission, disk full) becomes a
-    PathError naming the files."""
+def write_outputs(pair: dict[str, Iterable[str]] | None, report: dict[str, Iterable[str]]) -> None:
+    """Publish the training and validation files as one set (when there are samples), then write the report
+    whole; an OS error (no permission, disk full) becomes a PathError naming the files."""
     try:
-        write_files(contents)
+        if pair:
+            publish_together(pair)
+        write_files(report)
+        for path in report:
+            remove_partials(path)  # what a killed run left
     except OSError as e:
-        raise PathError(f"cannot write {', '.join(contents)}: {e.strerror or e}") from e
+        names = [*(pair or {}), *report]
+        raise PathError(f"cannot write {', '.join(names)}: {e.strerror or e}") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,15 +318,8 @@ def process(cfg: DataConfig, progress: bool = True) -> ProcessResult:
     )
 
     t = time.perf_counter()
-    files: dict[str, Iterable[str]] = {
-        report_path(cfg): [json.dumps(report, ensure_ascii=False, indent=2) + "\n"]
-    }
-    if samples:
-        files = {
-            cfg.output: map(to_json_line, train),
-            cfg.resolved_val_output(): map(to_json_line, val),
-            **files,
-        }
-    write_outputs(files)
+    pair = {cfg.output: map(to_json_line, train), cfg.resolved_val_output(): map(to_json_line, val)}
+    write_outputs(pair if samples else None,
+                  {report_path(cfg): [json.dumps(report, ensure_ascii=False, indent=2) + "\n"]})
     seconds["write"] = time.perf_counter() - t
     return ProcessResult(report, seconds)
