@@ -6,23 +6,49 @@
 
 Images go where the prompt says `<image>`; with no `<image>` in the prompt, they go before it, one per line
 (the layout used in training). The checkpoint is a training bundle or a merged export; by default the most
-recently written one under ./outputs. Exit status: 0 on success, 2 for bad input (a missing image, a
-checkpoint that is not one, a prompt whose `<image>` count differs from the images given), and in batch
-mode 0 even when some lines failed: each failed line gets an "error" field instead of an "answer".
+recently written one under ./outputs. Every input is checked before the model loads: the options, each image
+(it exists and decodes), the prompt's `<image>` count, and in batch mode every row (see inference/batch.py).
+Exit status: 0 on success, 2 for bad input (a missing or broken image, a checkpoint that is not one, a prompt
+whose `<image>` count differs from the images given, `--device cuda` without a GPU, a negative temperature,
+an --output that is a folder or one of the inputs), and in batch mode 0 even when some rows failed: each
+failed row gets an "error" field instead of an "answer". Batch answers are appended to --output as they are
+produced; a rerun answers only the ids that are not in it yet.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-
-from common.fileio import write_text
 
 
 class UsageError(Exception):
     """Bad input from the command line; printed as one line, exit status 2."""
+
+
+def check_options(args) -> None:
+    """Option values that would fail late or silently do something else."""
+    import math
+
+    if math.isnan(args.temperature) or math.isinf(args.temperature) or args.temperature < 0:
+        raise UsageError(f"--temperature {args.temperature}: must be 0 (greedy) or a positive number")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.device is not None:
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device!r}: expected cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise UsageError(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA GPU is available here (use --device cpu)")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def prompts_of(items: list[tuple[str, list[str]]]):
@@ -33,9 +59,9 @@ def prompts_of(items: list[tuple[str, list[str]]]):
     return [Prompt(query_with_images(text, len(paths)), [load_image(p) for p in paths]) for text, paths in items]
 
 
-def run_single(loaded, args) -> None:
+def run_single(loaded, prompts, args) -> None:
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "system": args.system}
-    prompt = prompts_of([(args.prompt, args.image)])[0]
+    prompt = prompts[0]
     if not args.stream:
         print(loaded.generate([prompt], **gen)[0])
         return
@@ -47,49 +73,65 @@ def run_single(loaded, args) -> None:
     print()
 
 
-def run_batch(loaded, args) -> int:
+def check_image(path: str) -> None:
+    """The image exists and decodes (JPEGs at reduced scale: the check of process_image.py)."""
+    from visual import load_image
+
+    load_image(path, draft_size=(1, 1))
+
+
+def plan_batch(args):
+    """Before the model loads: the batch file's rows, checked, and those the output does not have yet."""
+    from common.paths import same_file
+    from inference.batch import BatchError, id_key, read_batch, read_done
+
+    if not args.output:
+        raise UsageError("--batch needs --output FILE.jsonl")
+    output = Path(args.output)
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a folder; name a file of JSON Lines")
+    if not output.absolute().parent.is_dir():
+        raise UsageError(f"--output {output}: folder {output.absolute().parent} does not exist")
+    try:
+        rows = read_batch(args.batch, check_image=check_image)
+        inputs = [("the batch file", args.batch)] + [("an image", p) for row in rows for p in row.images]
+        for label, path in inputs:
+            if same_file(output, path):
+                raise UsageError(f"--output {output} is {label} ({path}): an output is never one of the inputs")
+        done = read_done(output, rows)
+    except BatchError as e:
+        raise UsageError(str(e)) from e
+    todo = [row for row in rows if id_key(row.id) not in done]
+    return rows, todo
+
+
+def run_batch(loaded, rows, todo, args) -> int:
     from inference import PromptError
+    from inference.batch import answer_rows
     from visual import ImageLoadError
 
-    source = Path(args.batch)
-    if not source.is_file():
-        raise UsageError(f"batch file not found: {source}")
-    jobs, results = [], []
-    for n, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            item_id = row.get("id", n)
-            jobs.append((item_id, row["prompt"], list(row.get("images", []))))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            results.append({"id": n, "error": f"line {n}: not a {{prompt, images}} object ({e})"})
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "system": args.system}
     bad_input = (ImageLoadError, PromptError, ValueError)
 
     def answer_all(chunk) -> list:
-        """Answers (or the exception of a bad line) for a chunk; a failing batch is retried line by line."""
+        """Answers (or the exception of a bad row) for a chunk; a failing chunk is retried row by row."""
         try:
-            return loaded.generate(prompts_of([(prompt, images) for _, prompt, images in chunk]), **gen)
+            return loaded.generate(prompts_of([(row.prompt, row.images) for row in chunk]), **gen)
         except bad_input as e:
             if len(chunk) == 1:
                 return [e]
-            return [answer_all([job])[0] for job in chunk]
+            return [answer_all([row])[0] for row in chunk]
 
-    for start in range(0, len(jobs), args.batch_size):
-        chunk = jobs[start:start + args.batch_size]
-        for (item_id, _, _), value in zip(chunk, answer_all(chunk)):
-            key = "error" if isinstance(value, Exception) else "answer"
-            results.append({"id": item_id, key: str(value)})
-    out = Path(args.output)
-    write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
-    failed = sum("error" in r for r in results)
-    print(f"answered {len(results) - failed} of {len(results)} prompts -> {out}" + (f" ({failed} failed)" if failed else ""))
+    answered, failed = answer_rows(todo, answer_all, args.output, args.batch_size)
+    skipped = len(rows) - len(todo)
+    print(f"answered {answered} of {len(todo)} prompts -> {args.output}" + (f" ({failed} failed)" if failed else "")
+          + (f"; {skipped} already in it, skipped" if skipped else ""))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     parser.add_argument("--prompt", help="the question; <image> marks where each image goes")
     parser.add_argument("--checkpoint", help="a bundle or merged export (default: the newest under ./outputs)")
@@ -98,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     parser.add_argument("--system", help="system prompt (default: the one the model was trained with)")
     parser.add_argument("--batch", help="JSON Lines of {id, images, prompt}: answer them all")
-    parser.add_argument("--output", help="with --batch: the JSON Lines file of answers to write")
+    parser.add_argument("--output", help="with --batch: the JSON Lines file of answers (appended to: a rerun "
+                        "answers only the ids it does not have yet)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--llm-path", help="the base QWen folder, if not where the checkpoint recorded it")
@@ -106,24 +149,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Imported after the arguments are parsed: torch and transformers take seconds, `--help` should not.
-    from inference import load_checkpoint, query_with_images
+    from inference import load_checkpoint
     from visual import ImageLoadError
 
     try:
+        check_options(args)
+        # Everything about the input is checked before the model loads (seconds to minutes).
         if args.batch:
-            if not args.output:
-                raise UsageError("--batch needs --output FILE.jsonl")
+            rows, todo = plan_batch(args)
+            if not todo:
+                print(f"all {len(rows)} prompts already have a line in {args.output}: nothing to do")
+                return 0
         elif args.prompt is None:
             raise UsageError("--prompt is required (or --batch FILE --output FILE)")
         else:
-            query_with_images(args.prompt, len(args.image))  # a wrong <image> count fails before the model loads
-            for path in args.image:
-                if not Path(path).is_file():
-                    raise UsageError(f"image not found: {path}")
+            prompts = prompts_of([(args.prompt, args.image)])  # a missing or broken image, a wrong <image> count
         loaded = load_checkpoint(args.checkpoint, device=args.device, llm_path=args.llm_path, vision_path=args.vision_path)
         if args.batch:
-            return run_batch(loaded, args)
-        run_single(loaded, args)
+            return run_batch(loaded, rows, todo, args)
+        run_single(loaded, prompts, args)
         return 0
     except (UsageError, ImageLoadError, FileNotFoundError, ValueError) as e:
         print(f"infer.py: error: {e}", file=sys.stderr)

@@ -145,6 +145,8 @@ def generate_answers(
 ) -> list[str]:
     """Answers for a batch of prompts (greedy when temperature is 0). `pixel_override(pixels)` lets the demo
     evaluation blank the images after preprocessing; `stopping_criteria` (a stop button's) end it early."""
+    if not temperature >= 0 or temperature == float("inf"):  # NaN fails the first test
+        raise ValueError(f"temperature {temperature}: must be 0 (greedy) or a positive number")
     input_ids, attention_mask, pixel_values = prompt_tensors(prompts, tokenizer, processor, system, num_image_tokens)
     device = next(model.parameters()).device
     if pixel_values is not None:
