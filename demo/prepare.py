@@ -12,6 +12,11 @@ Into the config's `demo.workdir` it writes
                image instead of from the description;
   raw/         the synthetic images and annotations in the LLaVA and AI Challenger formats, and a held-out set.
 A `prepared.json` stamp records the settings; running again with the same settings does nothing.
+
+With other settings (or --force) the folder is deleted and rebuilt, but only a folder this command created:
+it writes a marker file into the folder when it creates it (folders of earlier versions are recognised by
+their `prepared.json`). A workdir that holds other files, or that is or contains the checkout or the config
+file being read (`workdir: .`, say), is refused with one message and exit status 2; nothing is deleted.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 import torch
 
 from common.fileio import write_json
+from common.paths import created_by, is_within, mark_created
 from demo.pretrain import pretrain_clip, pretrain_text, vocab_corpus
 from demo.synthetic import write_demo_raw_data
 from qwen import QWenConfig, QWenLMHeadModel, QWenTokenizer
@@ -36,18 +42,52 @@ from settings import ConfigError, DemoConfig, load_config
 from visual import write_tiny_clip_checkpoint
 
 STAMP = "prepared.json"
+CREATED_BY = "demo.prepare"
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
-def prepare(demo: DemoConfig, *, force: bool = False) -> Path:
+class WorkdirError(ValueError):
+    """A demo.workdir that must not be deleted; the message says why."""
+
+
+def _read_stamp(work: Path):
+    try:
+        return json.loads((work / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_workdir(work: Path, inputs: tuple[Path, ...] = ()) -> None:
+    """Raise WorkdirError unless `work` may be deleted and rebuilt: missing, empty, or created by this command,
+    and neither the checkout nor a folder holding it or one of `inputs` (the config file)."""
+    for label, path in (("the checkout", CHECKOUT), *(("the config file", p) for p in inputs)):
+        if is_within(path, work):
+            raise WorkdirError(f"demo.workdir {work} is or contains {label} ({path}); it would be deleted: name a "
+                               "folder of its own, such as .demo")
+    if not work.exists():
+        return
+    if not work.is_dir():
+        raise WorkdirError(f"demo.workdir {work} is a file; name a folder")
+    ours = created_by(work) == CREATED_BY or isinstance(_read_stamp(work), dict)
+    if not ours and any(work.iterdir()):
+        raise WorkdirError(f"demo.workdir {work} holds files that demo.prepare did not write (no marker); it is left "
+                           "alone: remove it yourself or name another folder")
+
+
+def prepare(demo: DemoConfig, *, force: bool = False, inputs: tuple[Path, ...] = ()) -> Path:
+    """Build the demo's models and data into `demo.workdir` (see the module docstring); `inputs`: files being
+    read (the config), which the workdir must not contain. Raises WorkdirError before deleting anything."""
     work = Path(demo.workdir)
     settings = dataclasses.asdict(demo)
-    stamp = work / STAMP
-    if not force and stamp.is_file() and json.loads(stamp.read_text()) == settings:
+    if not force and _read_stamp(work) == settings:
         print(f"demo: {work} is already prepared with these settings")
         return work
-    if work.exists():
+    check_workdir(work, inputs)
+    if work.exists() and any(work.iterdir()):
+        print(f"demo: replacing {work} (written by an earlier demo.prepare)")
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
+    mark_created(work, CREATED_BY)
     torch.manual_seed(demo.seed)
     started = time.time()
 
@@ -75,22 +115,22 @@ def prepare(demo: DemoConfig, *, force: bool = False) -> Path:
     (work / "qwen.tiktoken").unlink()
     print(f"demo: tiny QWen written to {work / 'tiny-qwen'}")
 
-    write_json(stamp, settings)
+    write_json(work / STAMP, settings)
     print(f"demo: prepared in {time.time() - started:.0f} s")
     return work
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--config", default="config.yaml")
     parser.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")
     args = parser.parse_args(argv)
     try:
         demo = load_config(args.config).require("demo")
-    except ConfigError as e:
+        prepare(demo, force=args.force, inputs=(Path(args.config),))
+    except (ConfigError, WorkdirError) as e:
         print(f"demo.prepare: error: {e}", file=sys.stderr)
         return 2
-    prepare(demo, force=args.force)
     return 0
 
 

@@ -6,12 +6,20 @@ The output holds the QWen weights in the official Qwen-7B layout (the base model
 generation_config.json, tokenizer files, sharded safetensors with the official tensor names), so any
 Qwen-7B loader reads them, plus `projector.safetensors`, `vlm_config.json` (merged: true) and, unless
 `--no-copy-vision`, a copy of the CLIP folder in `vision/`. `model.load_vlm(output)` rebuilds the model.
+The base config's `auto_map` entries (the official repository's remote code) are kept only for the code
+files the base folder has, which are then copied too: an export never names a file it does not ship.
+
+The folder is written aside and renamed into place whole, with a marker file saying that this command made
+it. `--overwrite` replaces only a folder that holds a previous export (the marker, or the `vlm_config.json`
+of a merged export); any other non-empty folder is refused. An output that is a file, or that is, contains
+or lies inside the checkpoint or a base model folder being read, is refused before any work.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -21,13 +29,16 @@ import torch
 from safetensors import safe_open
 
 from common.fileio import staged_folder
+from common.paths import created_by, is_within, mark_created
 from qwen.checkpoint import INDEX_FILE, SINGLE_FILE, save_sharded_safetensors
 
-from .bundle import PROJECTOR_FILE, load_vlm
+from .bundle import BUNDLE_CONFIG_FILE, PROJECTOR_FILE, BundleConfig, load_vlm
 
 BASE_FILES = ("config.json", "generation_config.json", "qwen.tiktoken", "tokenizer_config.json")
+AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")  # may name remote code files in `auto_map`
 VISION_FILES = ("config.json", "preprocessor_config.json", SINGLE_FILE, INDEX_FILE)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CREATED_BY = "model.export"
 
 
 def checkpoint_dtype(folder: Path) -> torch.dtype:
@@ -42,6 +53,55 @@ def checkpoint_dtype(folder: Path) -> torch.dtype:
     return torch.float32
 
 
+def is_previous_export(folder: Path) -> bool:
+    """A folder this command wrote: its marker, or (exports from before the marker) a merged vlm_config.json."""
+    if created_by(folder) == CREATED_BY:
+        return True
+    try:
+        return json.loads((folder / BUNDLE_CONFIG_FILE).read_text()).get("merged") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output(output: Path, inputs: dict[str, Path], overwrite: bool) -> None:
+    """Before any work: `output` may be written (FileExistsError / ValueError naming the problem)."""
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"--output {output} is a file; name a folder")
+    for label, folder in inputs.items():
+        if is_within(folder, output):
+            raise ValueError(f"--output {output} is or contains the {label} being read ({folder}); name another folder")
+        if is_within(output, folder):
+            raise ValueError(f"--output {output} is inside the {label} being read ({folder}); name another folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{output} exists and is not empty (pass --overwrite to replace a previous export)")
+        if not is_previous_export(output):
+            raise FileExistsError(
+                f"--overwrite: {output} is not a previous export (no {BUNDLE_CONFIG_FILE} of a merged model, no "
+                "marker); it is left alone: remove it yourself or name another folder"
+            )
+
+
+def portable_config(source: Path, staging: Path) -> None:
+    """Copy a base config (config.json, tokenizer_config.json) keeping only the `auto_map` entries whose code
+    file the base folder has; those files are copied too. Without any, `auto_map` is dropped."""
+    config = json.loads(source.read_text())
+    auto_map = config.pop("auto_map", None)
+    kept = {}
+    for name, target in (auto_map or {}).items():
+        refs = [t for t in (target if isinstance(target, list) else [target]) if t]
+        files = [ref.split("--")[-1].rsplit(".", 1)[0] + ".py" for ref in refs]
+        if refs and all((source.parent / f).is_file() for f in files):
+            kept[name] = target
+            for f in files:
+                shutil.copy2(source.parent / f, staging / f)
+    if kept:  # the code those entries load imports its neighbours: ship every code file of the base folder
+        config["auto_map"] = kept
+        for code in sorted(source.parent.glob("*.py")):
+            shutil.copy2(code, staging / code.name)
+    (staging / source.name).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def export_merged(
     checkpoint: str | os.PathLike,
     output: str | os.PathLike,
@@ -52,16 +112,20 @@ def export_merged(
     overwrite: bool = False,
 ) -> Path:
     checkpoint, output = Path(checkpoint), Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output} exists and is not empty (pass --overwrite to replace it)")
+    llm_path, vision_path = (Path(p) for p in BundleConfig.load(checkpoint).resolve(checkpoint))
+    check_output(output, {"checkpoint": checkpoint, "base QWen folder": llm_path, "CLIP folder": vision_path},
+                 overwrite)
     # Merge in fp32, whatever the base dtype, so the fold-in adds no rounding of its own.
     model, config = load_vlm(checkpoint, dtype=torch.float32, merge_lora=True)
-    llm_path, vision_path = (Path(p) for p in config.resolve(checkpoint))
     dtype = dtype or checkpoint_dtype(llm_path)
 
     with staged_folder(output) as staging:
         for name in BASE_FILES:
-            if (llm_path / name).is_file():
+            if not (llm_path / name).is_file():
+                continue
+            if name in AUTO_MAP_FILES:
+                portable_config(llm_path / name, staging)
+            else:
                 shutil.copy2(llm_path / name, staging / name)
         llm_state = {
             k: v.to(dtype)
@@ -81,18 +145,22 @@ def export_merged(
             config, llm_path=".", vision_path="vision" if copy_vision else str(vision_path), merged=True, adapter=False
         )
         merged.save(staging)
+        mark_created(staging, CREATED_BY)
     return output
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True, help="a trained checkpoint bundle folder")
-    parser.add_argument("--output", required=True, help="the folder to write (must not exist or be empty)")
+    parser.add_argument("--output", required=True, help="the folder to write (new, empty, or a previous export "
+                        "with --overwrite)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the base model's)")
     parser.add_argument("--no-copy-vision", dest="copy_vision", action="store_false",
                         help="reference the CLIP folder instead of copying it into <output>/vision")
     parser.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard, in GiB")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous export in --output (never "
+                        "another folder)")
     args = parser.parse_args(argv)
     try:
         out = export_merged(

@@ -1,6 +1,7 @@
 """Write a tiny random QWen checkpoint folder in exactly the official Qwen-7B-Chat layout.
 
-The folder has what users download for the real model: `config.json` (every official field),
+The folder has what users download for the real model: `config.json` (every official field except
+`auto_map`, which names the official repository's code files: this folder does not ship them),
 safetensors weights with the official key names (one file, or shards + `model.safetensors.index.json`),
 `qwen.tiktoken` (a small but real BPE vocabulary, special tokens at their official ids),
 `tokenizer_config.json` and `generation_config.json`. Tests and the CPU demo load it through the very
@@ -41,10 +42,6 @@ def tiny_qwen_config(
     """config.json content shaped like the official Qwen-7B-Chat one, with tiny sizes."""
     config = {
         "architectures": ["QWenLMHeadModel"],
-        "auto_map": {
-            "AutoConfig": "configuration_qwen.QWenConfig",
-            "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
-        },
         "attn_dropout_prob": 0.0,
         "bf16": False,
         "emb_dropout_prob": 0.0,
@@ -130,7 +127,6 @@ GENERATION_CONFIG = {
 TOKENIZER_CONFIG = {
     "model_max_length": 8192,
     "tokenizer_class": "QWenTokenizer",
-    "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
 }
 
 
