@@ -26,7 +26,8 @@ from settings import ConfigError, ModelConfig, load_config
 
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog="Exit status: 0 done, 1 nothing kept, 2 config or path error."
+        description=__doc__.splitlines()[0], epilog="Exit status: 0 done, 1 nothing kept, 2 config or path error.",
+        allow_abbrev=False,
     )
     parser.add_argument("--config", required=True, help="YAML config with a 'data' section")
     parser.add_argument(

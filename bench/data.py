@@ -209,7 +209,8 @@ def library_versions() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--images", type=int, default=96, help="JPEGs generated (default 96)")
     parser.add_argument("--image-size", default="640x480", help="WIDTHxHEIGHT of the JPEGs (COCO's most common)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts for preprocessing")

@@ -119,7 +119,8 @@ def preflight(config: str, split: str = "train", index: int = 0, check: int | No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dataset.preflight", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dataset.preflight", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--config", required=True, help="config.yaml (model and data sections)")
     parser.add_argument("--split", choices=("train", "val"), default="train")
     parser.add_argument("--index", type=int, default=0, help="row of the sample to show (default 0)")

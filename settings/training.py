@@ -87,6 +87,7 @@ def parse_train_args(argv: list[str] | None = None) -> TrainSetup:
         del argv[i : i + 2]
     config = load_config(config_path)
     parser = HfArgumentParser((ModelConfig, DataArguments, LoraConfig, TrainArguments))
+    parser.allow_abbrev = False  # `--learning_rat 3` is an unknown flag, not --learning_rate
     parser.set_defaults(**_defaults(config))
     # Required fields (the model paths) may come from the config: make argparse accept their absence.
     for action in parser._actions:
