@@ -12,13 +12,14 @@ code text of about 100 kB with the tiny vocabulary (one thread, the median of th
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import emit, versions
+import torch
+
+from bench.common import device_name, emit, versions
 from qwen.tiny_vocab import DEFAULT_VOCAB_SIZE, write_tiny_vocab
 from qwen.tokenization_qwen import QWenTokenizer
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         "build_vocab_s": round(statistics.median(builds), 3),
         "encode_chars_per_s": round(len(text) / statistics.median(encodes)),
         "encode_tokens": n_tokens,
-        "machine": platform.processor() or platform.machine(),
+        "device": device_name(torch.device("cpu")),
         **versions(),
     }
     emit(record)
