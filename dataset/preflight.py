@@ -1,6 +1,7 @@
 """Check a processed dataset before training: `python -m dataset.preflight --config config.yaml`.
 
-Shows one sample as the model will see it (supervised tokens inside ⟦…⟧, each image as
+Validates the whole config first, as train.py does (every section, the training keys against
+TrainArguments). Then shows one sample as the model will see it (supervised tokens inside ⟦…⟧, each image as
 <image×N>), then encodes the first --check samples exactly as training will (no image is decoded,
 no model weight is loaded, no GPU needed) and prints how many are usable, truncated to max_length or
 too long. Any label or image-tag inconsistency stops it with one message and exit status 1.
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from dataprocess.schema import read_samples
 from dataset.conversation import IGNORE_INDEX, EncodedConversation, SampleTooLongError, encode_conversation
 from qwen import QWenTokenizer
-from settings import ConfigError, load_config
+from settings import ConfigError
 from visual.clip_tower import num_image_tokens, vision_config
 
 SUPERVISED_OPEN, SUPERVISED_CLOSE = "⟦", "⟧"
@@ -67,7 +68,11 @@ def _show(tokenizer, row, sample, encoded, num_image_tokens, max_length) -> None
 
 def preflight(config: str, split: str = "train", index: int = 0, check: int | None = None) -> None:
     """Print the report; raise ValueError / FileNotFoundError / ConfigError on the first problem."""
-    loaded = load_config(config)
+    # The whole config as train.py reads it: every section typed, the training section's keys and values checked
+    # against TrainArguments (this imports transformers: seconds).
+    from settings.training import parse_train_args
+
+    loaded = parse_train_args(["--config", str(config)]).config
     model_config, data_config = loaded.require("model"), loaded.require("data")
     path = data_config.output if split == "train" else data_config.resolved_val_output()
     tokenizer = QWenTokenizer.from_pretrained(model_config.llm_path)

@@ -555,3 +555,18 @@ def test_preflight_cli(tmp_path, tok_tiny_vocab_file, capsys):
     assert "line 1 (s9): 1 image tags in its user turns but 2 images" in capsys.readouterr().err
     assert preflight_main(["--config", str(config), "--split", "val"]) == 1
     assert "train.val.jsonl" in capsys.readouterr().err
+
+
+def test_preflight_checks_the_whole_config_as_train_py_does(tmp_path, tok_tiny_vocab_file, capsys):
+    img = save_image(tmp_path / "a.png", 50)
+    output = write_jsonl(tmp_path / "train.jsonl", [sample("s0", [img], f"{TAG}\nWhat is it?", "A red circle.")])
+    config = write_config(tmp_path, tok_tiny_vocab_file, output)
+    text = config.read_text()
+    assert preflight_main(["--config", str(config)]) == 0
+    capsys.readouterr()
+    config.write_text(text + "training:\n  learning_rat: 1.0e-4\n")  # train.py would stop here
+    assert preflight_main(["--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("preflight FAILED: ") and "unknown key 'learning_rat' (did you mean 'learning_rate'?)" in err
+    config.write_text(text + "training:\n  projector_learning_rate: 1.0e-3\n  output_dir: out\n")
+    assert preflight_main(["--config", str(config)]) == 0
