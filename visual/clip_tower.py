@@ -30,6 +30,8 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.initialization import no_init_weights
 
+from .images import PREPROCESSOR_CONFIG, CLIPImagePreprocessor
+
 CHECKPOINT_PREFIX = "vision_model."  # key prefix of the vision tensors in CLIPModel and CLIPVisionModel files
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -147,11 +149,36 @@ def vision_config(folder: str | os.PathLike) -> CLIPVisionConfig:
     return CLIPVisionConfig.from_pretrained(folder, local_files_only=True)
 
 
+def check_preprocessor_fits(folder: Path, config: CLIPVisionConfig) -> None:
+    """The folder's image processor (when it has one) must give the pixels the tower takes: a centre crop of
+    image_size x image_size. Found at load, not as a shape assert at the first training step."""
+    if not (folder / PREPROCESSOR_CONFIG).is_file():
+        return
+    try:
+        processor = CLIPImagePreprocessor.from_pretrained(folder)
+    except ValueError as e:
+        raise CheckpointError(f"CLIP checkpoint {folder}: {e}") from e
+    size = config.image_size
+    if not processor.do_center_crop:
+        raise CheckpointError(
+            f"CLIP checkpoint {folder}: {PREPROCESSOR_CONFIG} has do_center_crop false, so the pixel size would "
+            f"depend on each image's shape; the tower (config.json image_size) takes {size}x{size}"
+        )
+    height, width = processor.crop_size
+    if (height, width) != (size, size):
+        raise CheckpointError(
+            f"CLIP checkpoint {folder}: {PREPROCESSOR_CONFIG} crops images to {height}x{width}, but the tower "
+            f"(config.json image_size) takes {size}x{size}; make crop_size {size}"
+        )
+
+
 def inspect_checkpoint(folder: Path) -> tuple[CLIPVisionConfig, list[Path], dict]:
-    """Check a CLIP checkpoint folder from its config and the safetensors headers alone (no tensor is read):
-    -> (vision config, weight files, vision tensor locations). Raises CheckpointError naming the problem."""
+    """Check a CLIP checkpoint folder from its config, its image processor and the safetensors headers alone (no
+    tensor is read): -> (vision config, weight files, vision tensor locations). Raises CheckpointError naming
+    the problem."""
     folder = Path(folder)
     config = vision_config(folder)
+    check_preprocessor_fits(folder, config)
     files = _safetensors_files(folder)
     found = _vision_tensor_locations(files)
     _check_vision_tensors(folder, config, found)
