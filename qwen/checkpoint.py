@@ -12,17 +12,34 @@ from safetensors.torch import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
-    """Tensor names and shapes of a safetensors checkpoint (one file or sharded), read from the headers only."""
+def conversion_command(folder: Path) -> str:
+    """A one-line command that rewrites the pickled weights of `folder` as safetensors, beside them (run from the
+    repository root; the pickles are read with weights_only=True)."""
+    return (
+        'python -c "import glob, torch; from pathlib import Path; from qwen.checkpoint import '
+        "save_sharded_safetensors as save; sd = {}; [sd.update(torch.load(f, weights_only=True)) for f in "
+        f"sorted(glob.glob('{folder}/pytorch_model*.bin'))]; save(sd, Path('{folder}'), max_shard_bytes=2**31)\""
+    )
+
+
+def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a safetensors checkpoint (one file or sharded), read from the headers only.
+    A folder with only pickled weights (`pytorch_model.bin`) is refused: this project never unpickles weights."""
     index = folder / INDEX_FILE
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     elif (folder / SINGLE_FILE).is_file():
         files = [SINGLE_FILE]
     else:
-        return None  # a pytorch_model.bin checkpoint: transformers checks it (with weights_only=True)
+        pickles = [name for name in PICKLE_FILES if (folder / name).is_file()] + sorted(
+            p.name for p in folder.glob("pytorch_model*.bin"))
+        raise ValueError(
+            f"QWen checkpoint {folder} has only pickled weights ({pickles[0] if pickles else 'no safetensors'}), "
+            f"which this project never unpickles. Convert them once to safetensors: {conversion_command(folder)}"
+        )
     shapes = {}
     for name in files:
         if not (folder / name).is_file():
