@@ -83,7 +83,7 @@ def check_image(path: str) -> None:
 def plan_batch(args):
     """Before the model loads: the batch file's rows, checked, and those the output does not have yet."""
     from common.paths import same_file
-    from inference.batch import BatchError, id_key, read_batch, read_done
+    from inference.batch import BatchError, check_images, id_key, read_batch, read_done
 
     if not args.output:
         raise UsageError("--batch needs --output FILE.jsonl")
@@ -93,7 +93,7 @@ def plan_batch(args):
     if not output.absolute().parent.is_dir():
         raise UsageError(f"--output {output}: folder {output.absolute().parent} does not exist")
     try:
-        rows = read_batch(args.batch, check_image=check_image)
+        rows = read_batch(args.batch)
         inputs = [("the batch file", args.batch)] + [("an image", p) for row in rows for p in row.images]
         for label, path in inputs:
             if same_file(output, path):
@@ -102,6 +102,7 @@ def plan_batch(args):
     except BatchError as e:
         raise UsageError(str(e)) from e
     todo = [row for row in rows if id_key(row.id) not in done]
+    check_images(todo, check_image)  # decoding is the slow part: not again for the rows already done
     return rows, todo
 
 

@@ -77,9 +77,9 @@ def _parse_row(line: int, text: str, folder: Path) -> Row:
     return row
 
 
-def read_batch(path: str | os.PathLike, check_image: Callable[[str], None] | None = None) -> list[Row]:
-    """Every row of the batch file, checked (see the module docstring); `check_image(path)` raises on an image
-    that cannot be used. BatchError for a missing file or duplicate ids."""
+def read_batch(path: str | os.PathLike) -> list[Row]:
+    """Every row of the batch file, checked for what the file itself says (see the module docstring; the images
+    are checked by `check_images`). BatchError for a missing file or duplicate ids."""
     path = Path(path)
     if not path.is_file():
         raise BatchError(f"batch file not found: {path}")
@@ -100,18 +100,25 @@ def read_batch(path: str | os.PathLike, check_image: Callable[[str], None] | Non
         raise BatchError(f"{path}: duplicate id(s): {', '.join(duplicates[:10])}"
                          + (f" and {len(duplicates) - 10} more" if len(duplicates) > 10 else ""))
     for row in rows:
+        if row.error is None:
+            try:
+                query_with_images(row.prompt, len(row.images))
+            except PromptError as e:
+                row.error = str(e)
+    return rows
+
+
+def check_images(rows: list[Row], check_image: Callable[[str], None]) -> None:
+    """Give each row whose image `check_image(path)` refuses (missing, does not decode) that error."""
+    for row in rows:
         if row.error is not None:
             continue
-        try:
-            query_with_images(row.prompt, len(row.images))
-            for image in row.images:
-                if check_image is not None:
-                    check_image(image)
-        except PromptError as e:
-            row.error = str(e)
-        except Exception as e:  # the image check: ImageLoadError, or a reader bug on one odd file
-            row.error = str(e)
-    return rows
+        for image in row.images:
+            try:
+                check_image(image)
+            except Exception as e:  # ImageLoadError, or a reader bug on one odd file: that row's error
+                row.error = str(e)
+                break
 
 
 def read_done(output: str | os.PathLike, rows: list[Row]) -> set[str]:
