@@ -101,6 +101,8 @@ def plan_batch(args):
         done = read_done(output, rows)
     except BatchError as e:
         raise UsageError(str(e)) from e
+    except OSError as e:  # an output that cannot be read or written
+        raise UsageError(f"--output {output}: {e.strerror or e}") from e
     todo = [row for row in rows if id_key(row.id) not in done]
     check_images(todo, check_image)  # decoding is the slow part: not again for the rows already done
     return rows, todo

@@ -4,8 +4,9 @@ Input: JSON Lines, one `{"id": ..., "images": [...], "prompt": "..."}` per line 
 string or an integer (default: the line number); `images` a list of paths or one path as a string (default:
 none), relative paths taken from the batch file's folder; `<image>` marks in the prompt as in infer.py.
 
-1. Every row is checked before the model is loaded: a row that is not an object, has no string prompt, an
-   image entry that is not a path, an image that is missing or does not decode, or a prompt whose `<image>`
+1. Every row is checked before the model is loaded: a row that is not an object, has no string prompt, has
+   another key (a misspelt `image` would otherwise be answered without its image), an image entry that is not
+   a path, an image that is missing or does not decode, or a prompt whose `<image>`
    count differs from its images gets an `{"id", "error"}` line in its place; the others are answered.
    Two rows with the same id make the whole file an error (naming the ids).
 2. Output: one line per row, in input order: `{"id", "answer"}` or `{"id", "error"}`, appended and flushed
@@ -109,15 +110,21 @@ def read_batch(path: str | os.PathLike) -> list[Row]:
 
 
 def check_images(rows: list[Row], check_image: Callable[[str], None]) -> None:
-    """Give each row whose image `check_image(path)` refuses (missing, does not decode) that error."""
+    """Give each row whose image `check_image(path)` refuses (missing, does not decode) that error; each distinct
+    path is checked once."""
+    problems: dict[str, str | None] = {}
     for row in rows:
         if row.error is not None:
             continue
         for image in row.images:
-            try:
-                check_image(image)
-            except Exception as e:  # ImageLoadError, or a reader bug on one odd file: that row's error
-                row.error = str(e)
+            if image not in problems:
+                try:
+                    check_image(image)
+                    problems[image] = None
+                except Exception as e:  # ImageLoadError, or a reader bug on one odd file: that row's error
+                    problems[image] = str(e)
+            if problems[image] is not None:
+                row.error = problems[image]
                 break
 
 

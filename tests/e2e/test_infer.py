@@ -94,12 +94,13 @@ def test_every_row_is_checked_first_and_bad_rows_are_marked_in_place(stub, image
         '{"id": "i", "prompt": ',
         {"id": "j", "images": ["img/broken.jpg"], "prompt": "x"},
         {"id": 11, "prompt": "text only"},
+        {"id": "k", "image": "img/0.png", "prompt": "a misspelt key is not answered without its image"},
         {"id": "l", "images": [str(images / "1.png"), "img/2.png"], "prompt": "<image> vs <image>"},
     ])
     out = images.parent / "answers.jsonl"
     assert run_infer("--batch", batch, "--output", out, "--batch-size", 2) == 0
     lines = read_lines(out)
-    assert [line["id"] for line in lines] == ["a", "b", "c", "d", 5, "f", "g", "h", 9, "j", 11, "l"]
+    assert [line["id"] for line in lines] == ["a", "b", "c", "d", 5, "f", "g", "h", 9, "j", 11, "k", "l"]
     answers = {line["id"]: line["answer"] for line in lines if "answer" in line}
     assert answers == {
         "a": "1 image(s) (20x10): colour?",
@@ -116,8 +117,9 @@ def test_every_row_is_checked_first_and_bad_rows_are_marked_in_place(stub, image
     assert errors["g"] == "the prompt has 2 <image> mark(s) but 1 image(s) were given"
     assert errors[9].startswith("line 9: not valid JSON")
     assert "broken.jpg" in errors["j"]
+    assert errors["k"] == "unknown key(s) ['image'] (a row has id, images, prompt)"
     assert stub["loads"] == 1 and len(stub["model"].queries) == 4  # only the good rows reach the model
-    assert "answered 4 of 12 prompts" in capsys.readouterr().out
+    assert "answered 4 of 13 prompts" in capsys.readouterr().out
 
 
 def test_an_interrupted_batch_resumes_and_answers_every_id_once_in_order(stub, images, capsys):
