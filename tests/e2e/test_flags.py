@@ -23,6 +23,7 @@ CASES = [
     ("bench.generate", ["--size", "tiny", "--new-tok", "1"], "--new-tok"),
     ("bench.train_step", ["--size", "tiny", "--ste", "1"], "--ste"),
     ("bench.data", ["--loader", "0"], "--loader"),
+    ("webui", ["--shar"], "--shar"),
 ]
 
 
