@@ -9,13 +9,37 @@ TESTS = Path(__file__).resolve().parent
 CLOCKS = {"perf_counter", "perf_counter_ns", "monotonic", "monotonic_ns", "time", "time_ns", "process_time"}
 
 
-def test_no_test_reads_the_clock():
+def _reads_clock(node: ast.AST, clock_names: set[str]) -> bool:
+    for sub in ast.walk(node):
+        if (isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr in CLOCKS
+                and isinstance(sub.func.value, ast.Name) and sub.func.value.id == "time"):
+            return True
+        if isinstance(sub, ast.Name) and sub.id in clock_names:
+            return True
+    return False
+
+
+def timed_assertions(source: str) -> list[int]:
+    """Lines of the asserts that depend on the wall clock (directly, or through a variable that holds a time)."""
+    tree = ast.parse(source)
+    clock_names: set[str] = set()
+    for _ in range(3):  # start = clock(); elapsed = clock() - start; took = elapsed * 1000 ...
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and _reads_clock(node.value, clock_names):
+                clock_names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert) and _reads_clock(node, clock_names)]
+
+
+def test_the_rule_sees_a_timed_assertion():
+    assert timed_assertions("start = time.perf_counter()\nf()\nassert time.perf_counter() - start < 2.0\n") == [3]
+    assert timed_assertions("t0 = time.time()\nf()\ndt = time.time() - t0\nassert dt < 1\n") == [4]
+    # a deadline for waiting on a server is not a timed test
+    assert timed_assertions("deadline = time.monotonic() + 300\nwhile time.monotonic() < deadline:\n    pass\n") == []
+
+
+def test_no_test_asserts_on_the_clock():
     """No timed tests: a wall-clock bound fails on a busy machine and passes on a fast one whatever the code
     does. Speed is a figure printed by a benchmark in bench/."""
-    found = []
-    for path in sorted(TESTS.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in CLOCKS
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "time"):
-                found.append(f"{path.relative_to(TESTS)}:{node.lineno}")
-    assert not found, f"tests that read the clock: {found}"
+    found = [f"{path.relative_to(TESTS)}:{line}" for path in sorted(TESTS.rglob("*.py"))
+             for line in timed_assertions(path.read_text(encoding="utf-8"))]
+    assert not found, f"tests that assert on the clock: {found}"
