@@ -29,7 +29,7 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Make a rename inside `folder` durable (no-op where folders cannot be opened, e.g. Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -56,7 +56,7 @@ def staged_file(path: str | os.PathLike) -> Iterator[Path]:
         fsync_file(temp)
         os.chmod(temp, 0o644)  # mkstemp makes it private; outputs are ordinary files
         os.replace(temp, path)
-        _fsync_folder(path.parent)
+        fsync_folder(path.parent)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -104,7 +104,7 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(staging, path)
-        _fsync_folder(path.parent)
+        fsync_folder(path.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -126,6 +126,6 @@ def staged_files(folder: str | os.PathLike, last: tuple[str, ...] = ()) -> Itera
             fsync_file(staging / name)
             os.chmod(staging / name, 0o644)
             os.replace(staging / name, folder / name)
-        _fsync_folder(folder)
+        fsync_folder(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

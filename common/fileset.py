@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from common.fileio import fsync_file
+from common.fileio import fsync_file, fsync_folder
 
 POINTER = "current"
 GENERATION_PREFIX = "gen-"
@@ -55,19 +55,6 @@ def _link_text(path: Path, store: Path, member: str) -> str:
     return os.path.relpath(store / POINTER / member, path.parent)
 
 
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _replace_with_link(path: Path, text: str) -> None:
     """Make `path` a symbolic link with target `text`, in one rename (whatever `path` was before)."""
     temp = path.parent / f".{path.name}.link-{secrets.token_hex(4)}"
@@ -77,7 +64,7 @@ def _replace_with_link(path: Path, text: str) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
 
 
 def _new_generation_name() -> str:
@@ -93,7 +80,7 @@ def _stage(store: Path) -> Path:
 def _commit(store: Path, staging: Path) -> str:
     name = _new_generation_name()
     os.replace(staging, store / name)
-    _fsync_folder(store)
+    fsync_folder(store)
     return name
 
 
