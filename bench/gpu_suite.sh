@@ -12,4 +12,13 @@ run bench.gpu_checks
 run bench.train_step --size 7b --batch-size 1 --seq-len 512 --gradient-checkpointing --steps 5 --warmup 2
 run bench.train_step --size 7b --batch-size 8 --seq-len 512 --steps 8 --warmup 2
 run bench.train_step --size 7b --batch-size 16 --seq-len 512 --gradient-checkpointing --steps 5 --warmup 2
-run bench.generate --size 7b --new-tokens 64 --repeats 2
+run bench.generate --size 7b --batch-sizes 1 8 32 --new-tokens 64 --repeats 2
+# The serving path: the `model.export --format llava` folder of the same 7B model in vLLM, same workload as the
+# bench.generate row above (one image + text, about 320 prompt tokens, 64 greedy new tokens), at batch 1 and 32.
+# Only where vLLM is installed (`pip install vllm`): without it the suite runs on and says so. Written without a
+# GPU to try it on (no GPU was lent to the session that added it): its first run on a GPU is its test.
+if "$PY" -c "import vllm" 2>/dev/null; then
+  run bench.vllm_generate --size 7b --batch-sizes 1 32 --new-tokens 64 --repeats 2
+else
+  echo "+ bench.vllm_generate skipped: vllm is not installed (pip install vllm)" >&2
+fi

@@ -19,8 +19,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 from dataset.conversation import build_prompt_ids
 from dataset.dataset import DataCollator
 from qwen import IMAGE_TAG, decode_response, stop_token_ids
-from qwen.chat_format import DEFAULT_MAX_WINDOW_SIZE
-from qwen.tokenization_qwen import SPECIAL_START_ID
+from qwen.chat_format import DEFAULT_MAX_WINDOW_SIZE, answer_token_ids
 
 IMAGE_MARK = "<image>"  # where an image goes in a prompt typed by a user (becomes IMAGE_TAG)
 
@@ -54,11 +53,9 @@ class AllowedTokens(LogitsProcessor):
 
 
 def allowed_token_mask(tokenizer, vocab_size: int) -> torch.Tensor:
-    """Ordinary BPE tokens plus the three ChatML specials; nothing else."""
+    """Ordinary BPE tokens plus the three ChatML specials (qwen.chat_format.answer_token_ids); nothing else."""
     allowed = torch.zeros(vocab_size, dtype=torch.bool)
-    n_ranks = len(tokenizer.mergeable_ranks) if hasattr(tokenizer, "mergeable_ranks") else tokenizer.vocab_size - 208
-    allowed[: min(n_ranks, SPECIAL_START_ID)] = True
-    allowed[[tokenizer.eod_id, tokenizer.im_start_id, tokenizer.im_end_id]] = True
+    allowed[answer_token_ids(tokenizer)] = True
     return allowed
 
 

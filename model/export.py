@@ -13,6 +13,10 @@ The folder is written aside and renamed into place whole, with a marker file say
 it. `--overwrite` replaces only a folder that holds a previous export (the marker, or the `vlm_config.json`
 of a merged export); any other non-empty folder is refused. An output that is a file, or that is, contains
 or lies inside the checkpoint or a base model folder being read, is refused before any work.
+
+`--format llava` writes a transformers-native folder instead (LlavaForConditionalGeneration with a Qwen2 text
+model, tokenizer.json, processor files, chat template, model card; model/export_llava.py lists them), under the
+same rules for the output folder. `--format qwen` is the default.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ from common.paths import created_by, is_within, mark_created
 from qwen.checkpoint import INDEX_FILE, SINGLE_FILE, save_sharded_safetensors
 
 from .bundle import BUNDLE_CONFIG_FILE, PROJECTOR_FILE, BundleConfig, load_vlm
+from .export_llava import write_llava
 
 BASE_FILES = ("config.json", "generation_config.json", "qwen.tiktoken", "tokenizer_config.json")
 AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")  # may name remote code files in `auto_map`
 VISION_FILES = ("config.json", "preprocessor_config.json", SINGLE_FILE, INDEX_FILE)
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+          "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CREATED_BY = "model.export"
 
 
@@ -149,6 +155,28 @@ def export_merged(
     return output
 
 
+def export_llava(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    overwrite: bool = False,
+) -> Path:
+    """The transformers-native LLaVA folder of a bundle (model/export_llava.py), written whole. `dtype` defaults
+    to the base QWen checkpoint's (bf16 for Qwen-7B-Chat)."""
+    checkpoint, output = Path(checkpoint), Path(output)
+    llm_path, vision_path = (Path(p) for p in BundleConfig.load(checkpoint).resolve(checkpoint))
+    check_output(output, {"checkpoint": checkpoint, "base QWen folder": llm_path, "CLIP folder": vision_path},
+                 overwrite)
+    model, config = load_vlm(checkpoint, dtype=torch.float32, merge_lora=True)  # merged in fp32: no extra rounding
+    with staged_folder(output) as staging:
+        write_llava(staging, model, config, checkpoint=checkpoint, llm_path=llm_path, vision_path=vision_path,
+                    dtype=dtype or checkpoint_dtype(llm_path), max_shard_bytes=max_shard_bytes, name=output.name)
+        mark_created(staging, CREATED_BY)
+    return output
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -161,20 +189,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard, in GiB")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous export in --output (never "
                         "another folder)")
+    parser.add_argument("--format", choices=("qwen", "llava"), default="qwen",
+                        help="qwen: the official Qwen-7B layout + projector (default); llava: transformers-native "
+                             "LlavaForConditionalGeneration with a Qwen2 text model (vLLM, SGLang, lmms-eval)")
     args = parser.parse_args(argv)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    max_shard_bytes = int(args.max_shard_gb * 1024**3)
     try:
-        out = export_merged(
-            args.checkpoint,
-            args.output,
-            dtype=DTYPES[args.dtype] if args.dtype else None,
-            copy_vision=args.copy_vision,
-            max_shard_bytes=int(args.max_shard_gb * 1024**3),
-            overwrite=args.overwrite,
-        )
+        if args.format == "llava":
+            if not args.copy_vision:
+                raise ValueError("--no-copy-vision applies to --format qwen only (the llava folder holds the tower)")
+            out = export_llava(args.checkpoint, args.output, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                               overwrite=args.overwrite)
+        else:
+            out = export_merged(args.checkpoint, args.output, dtype=dtype, copy_vision=args.copy_vision,
+                                max_shard_bytes=max_shard_bytes, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
-    print(f"exported merged model to {out}")
+    print(f"exported {'transformers-native LLaVA' if args.format == 'llava' else 'merged'} model to {out}")
     return 0
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from qwen.tokenization_qwen import ENDOFTEXT, IM_END, IM_START, QWenTokenizer, to_id_list
+from qwen.tokenization_qwen import ENDOFTEXT, IM_END, IM_START, SPECIAL_START_ID, QWenTokenizer, to_id_list
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # Qwen-7B-Chat's default system prompt
 DEFAULT_MAX_WINDOW_SIZE = 6144  # Qwen-7B-Chat's generation_config.json
@@ -29,6 +29,12 @@ History = Sequence[tuple[str, str]]
 def stop_token_ids(tokenizer: QWenTokenizer) -> list[int]:
     """Ids that end an assistant answer: `<|im_end|>`, `<|im_start|>`, `<|endoftext|>` (in that order)."""
     return [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
+
+
+def answer_token_ids(tokenizer: QWenTokenizer) -> list[int]:
+    """Ids an answer may hold: the ordinary BPE tokens and the three stop tokens. Never an `<|extra_N|>` (the image
+    placeholder among them), an id between the last rank and the specials, or a padding row of the embedding."""
+    return [*range(min(len(tokenizer.mergeable_ranks), SPECIAL_START_ID)), *stop_token_ids(tokenizer)]
 
 
 def get_stop_words_ids(chat_format: str, tokenizer: QWenTokenizer) -> list[list[int]]:

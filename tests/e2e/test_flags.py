@@ -23,6 +23,9 @@ CASES = [
     ("bench.generate", ["--size", "tiny", "--new-tok", "1"], "--new-tok"),
     ("bench.train_step", ["--size", "tiny", "--ste", "1"], "--ste"),
     ("bench.data", ["--loader", "0"], "--loader"),
+    ("bench.vllm_generate", ["--size", "tiny", "--new-tok", "1"], "--new-tok"),
+    ("demo.check_export", ["--checkpoint", "a", "--export", "b", "--image", "c", "--prompt", "d", "--max-new", "4"],
+     "--max-new"),
     ("webui", ["--shar"], "--shar"),
 ]
 

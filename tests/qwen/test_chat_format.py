@@ -8,6 +8,7 @@ import torch
 from qwen.chat_format import (
     DEFAULT_SYSTEM,
     STOP_WORDS,
+    answer_token_ids,
     decode_response,
     get_stop_words_ids,
     make_context,
@@ -141,3 +142,12 @@ def test_decode_response_stops_at_first_stop_id(tok_real):
     assert decode_response(tok_real, torch.tensor([*answer, EOD])) == "The circle is red."
     assert decode_response(tok_real, answer) == "The circle is red."
     assert decode_response(tok_real, [IM_END, *answer]) == ""
+
+
+def test_answer_token_ids_are_the_ranks_and_the_three_stops(tok_real, tok_tiny):
+    """What generation may produce (infer.py's logits mask, the llava export's suppress_tokens): every rank of the
+    vocabulary and <|im_end|>, <|im_start|>, <|endoftext|>; no <|extra_N|> (the image tag <|extra_0|> = 151646)
+    and, for a small vocabulary, none of the free ids between its last rank and 151643."""
+    assert answer_token_ids(tok_real) == [*range(151643), IM_END, IM_START, EOD]
+    n = len(tok_tiny.mergeable_ranks)
+    assert n < EOD and answer_token_ids(tok_tiny) == [*range(n), IM_END, IM_START, EOD]

@@ -1,0 +1,177 @@
+"""The README.md model card of a transformers-native export: what the model is, how it was trained, how to use it.
+
+Everything in it comes from the bundle folder and the base models' configs: `vlm_config.json`, the LoRA's
+`adapter_config.json`, the newest `trainer_state.json` (the bundle's own, or its newest `checkpoint-N/`), and the
+evaluation files that training and evaluation write next to the weights (`eval_results.json`, `demo_eval.json`,
+`metrics.json`), each shown only when present. Nothing is invented: what the bundle does not record (its data)
+is said to be unrecorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+EVALUATION_FILES = ("eval_results.json", "demo_eval.json", "metrics.json")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _flatten(values: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """Scalars of a (nested) dict as (dotted key, value); lists, long strings and absolute paths (which would name
+    folders of the training machine) are left out."""
+    rows = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += _flatten(value, name + ".")
+        elif isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 120
+                                                          and not os.path.isabs(value)):
+            rows.append((name, round(value, 4) if isinstance(value, float) else value))
+    return rows
+
+
+def _trainer_state(checkpoint: Path) -> tuple[Path, dict] | None:
+    candidates = [checkpoint / "trainer_state.json", *checkpoint.glob("checkpoint-*/trainer_state.json")]
+    states = [(path, state) for path in candidates if path.is_file() and (state := _read_json(path)) is not None]
+    if not states:
+        return None
+    return max(states, key=lambda item: item[1].get("global_step", -1))
+
+
+def _training_lines(checkpoint: Path, bundle) -> list[str]:
+    lines = ["- The projector (Linear → GELU → Linear) was trained; the CLIP tower stayed frozen."]
+    adapter = _read_json(checkpoint / "adapter_config.json") if bundle.adapter else None
+    if adapter:
+        targets = adapter.get("target_modules")
+        targets = ", ".join(sorted(targets)) if isinstance(targets, list) else targets
+        lines.append(f"- LoRA on the LLM, merged into these weights: r = {adapter.get('r')}, "
+                     f"alpha = {adapter.get('lora_alpha')}, dropout = {adapter.get('lora_dropout')}, "
+                     f"targets: {targets} (QWen names; in Qwen2 names: c_attn → q/k/v_proj, attn.c_proj → o_proj, "
+                     f"w1 → up_proj, w2 → gate_proj, mlp.c_proj → down_proj).")
+        if adapter.get("modules_to_save"):
+            lines.append(f"- Trained in full: {', '.join(adapter['modules_to_save'])} (wte = embed_tokens).")
+    elif bundle.merged:
+        lines.append("- The checkpoint was already a merged export: its LLM weights are taken as they are.")
+    else:
+        lines.append("- The LLM was not adapted (no LoRA adapter in the checkpoint).")
+    found = _trainer_state(checkpoint)
+    if found:
+        path, state = found
+        logged = state.get("log_history") or []
+        train_losses = [row["loss"] for row in logged if isinstance(row, dict) and "loss" in row]
+        eval_losses = [row["eval_loss"] for row in logged if isinstance(row, dict) and "eval_loss" in row]
+        facts = [f"{state.get('global_step')} optimizer steps", f"{round(state.get('epoch') or 0, 2)} epochs"]
+        if state.get("train_batch_size"):
+            facts.append(f"batch size {state['train_batch_size']} per device")
+        if train_losses:
+            facts.append(f"last logged training loss {train_losses[-1]:.4f}")
+        if eval_losses:
+            facts.append(f"last evaluation loss {eval_losses[-1]:.4f}")
+        lines.append(f"- Progress ({path.relative_to(checkpoint)}): {', '.join(facts)}.")
+    lines.append(f"- System prompt the model was trained with (the chat template's default): "
+                 f"{json.dumps(bundle.system_prompt, ensure_ascii=False)}")
+    return lines
+
+
+def _evaluation_lines(checkpoint: Path) -> list[str]:
+    lines = []
+    for name in EVALUATION_FILES:
+        values = _read_json(checkpoint / name)
+        rows = _flatten(values) if values else []
+        if not rows:
+            continue
+        lines += ["", f"From `{name}` of the checkpoint:", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in rows]
+    return lines or ["", "No evaluation results were found next to the checkpoint (eval_results.json, "
+                     "demo_eval.json, metrics.json)."]
+
+
+def model_card(*, name: str, checkpoint: Path, bundle, llm_path: Path, vision_path: Path, qwen, vision_config,
+               dtype: str, num_parameters: int, weight_files: list[str]) -> str:
+    """The README.md text (Markdown with a small YAML header)."""
+    n_tokens = bundle.num_image_tokens
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "tags: [llava, qwen, clip, vision-language]",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        "A vision-language model in transformers' native LLaVA layout (`LlavaForConditionalGeneration`): a CLIP "
+        "vision tower, a two-layer GELU projector and a Qwen2 language model. It was trained with "
+        "the build-your-own-vlm recipe as Qwen-7B (v1, \"QWen\") + CLIP + projector and converted "
+        "without changing what it computes (see Limits).",
+        "",
+        f"{num_parameters / 1e9:.2f} B parameters, {dtype}, in {len(weight_files)} safetensors file(s).",
+        "",
+        "## Base models",
+        "",
+        f"- Language model: `{llm_path.name}` (QWen: hidden size {qwen.hidden_size}, {qwen.num_hidden_layers} "
+        f"layers, {qwen.num_attention_heads} heads, vocabulary {qwen.vocab_size} rows, seq_length {qwen.seq_length}).",
+        f"- Vision tower: `{vision_path.name}` (CLIP ViT: {vision_config.image_size} px, patch "
+        f"{vision_config.patch_size}, {vision_config.num_hidden_layers} layers, hidden size "
+        f"{vision_config.hidden_size}); features of hidden layer {bundle.vision_feature_layer}, CLS dropped: "
+        f"{n_tokens} image tokens per image.",
+        "",
+        "## Training",
+        "",
+        *_training_lines(checkpoint, bundle),
+        "",
+        "## Data",
+        "",
+        "The checkpoint does not record the data it was trained on. The recipe it comes from trains on COCO2017 "
+        "images with LLaVA's complex_reasoning_77k conversations and on AI Challenger Chinese captions; its CPU "
+        "demo trains tiny models on synthetic pictures of coloured shapes.",
+        "",
+        "## Evaluation",
+        *_evaluation_lines(checkpoint),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "from PIL import Image",
+        f'model = AutoModelForImageTextToText.from_pretrained("{name}")',
+        f'processor = AutoProcessor.from_pretrained("{name}")',
+        'messages = [{"role": "user", "content": [{"type": "image", "image": Image.open("photo.jpg")},',
+        '                                         {"type": "text", "text": "What is in the picture?"}]}]',
+        "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,",
+        '                                       return_tensors="pt")',
+        "out = model.generate(**inputs)  # greedy, stops at <|im_end|> (generation_config.json)",
+        'print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+        f"Serving: `vllm serve {name}` (OpenAI-compatible; send `temperature: 0` for the greedy answers above).",
+        "",
+        "## Prompt format",
+        "",
+        "ChatML, as Qwen-7B-Chat: `<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{text}<|im_end|>"
+        "\\n<|im_start|>assistant\\n`. Each image is `<|extra_0|>` (id 151646), which the processor expands to "
+        f"{n_tokens} placeholders. Images that come before a message's text are written one per line in front of it "
+        "(the training layout); images placed after some text are written where they are.",
+        "",
+        "Message text containing special-token text (`<|im_end|>`, `<|extra_0|>`, ...) is refused by the chat "
+        "template: the model was trained with such text kept as text, and a rendered prompt cannot keep it so. To "
+        "tokenize typed text yourself as the training did, use `tokenizer(text, split_special_tokens=True)`.",
+        "",
+        "## Limits",
+        "",
+        f"- Contexts up to {qwen.seq_length} tokens (`max_position_embeddings`). QWen v1 equals Qwen2 up to its "
+        "seq_length; past it the original switches on dynamic NTK rotary scaling and logn attention scaling, which "
+        "this Qwen2 model does not do, so longer contexts give different outputs than the original code would.",
+        "- transformers picks the torchvision implementation of the CLIP image processor when torchvision is "
+        "installed; it differs from the PIL implementation used in training by up to about 0.03 per normalised "
+        "pixel value. `AutoProcessor.from_pretrained(DIR, backend=\"pil\")` gives the training pixels exactly.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Qwen-7B's tokenizer as a Hugging Face fast tokenizer (`tokenizer.json`), with the ids of `qwen.tiktoken`.
+
+`build_fast_tokenizer(vocab_file)` returns a `tokenizers.Tokenizer` that encodes and decodes like
+`QWenTokenizer` (tested on the real 151643-rank vocabulary and on tiny ones):
+
+- normaliser: NFC, as `QWenTokenizer.encode` NFC-normalises its input;
+- pre-tokeniser: the official split pattern (`PAT_STR`, pieces kept), then the byte-level mapping of GPT-2
+  (every byte written as one printable character) without a regex of its own;
+- model: byte-level BPE. tiktoken stores only ranks; the merges are rebuilt from them. The merge that makes a
+  token is the last step of BPE run on the token's own bytes with the ranks below its own (exactly two parts
+  remain), and merges are ordered by the rank of the token they make, which is tiktoken's priority.
+  `ignore_merges` takes a piece that is itself a token whole, as tiktoken does;
+- the 208 special tokens at their ids from 151643, as added special tokens matched on NFC-normalised text
+  (our tokenizer NFC-normalises before it looks for them). When the vocabulary has fewer than 151643 ranks
+  (tiny test vocabularies), they are also entered in the model's vocabulary at their ids: the `tokenizers`
+  library would otherwise number added tokens from the end of the vocabulary;
+- decoder: byte-level, invalid UTF-8 replaced by U+FFFD (our tokenizer's errors="replace").
+
+Special-token text. `QWenTokenizer.encode(text)` turns special-token text into special ids by default and keeps
+it as ordinary text with `allowed_special=set()`, which our prompt builders use for all message text. The fast
+tokenizer has the same two modes: by default (the convention of every transformers tokenizer, which chat
+templates and servers rely on to get their ChatML markers) "<|im_end|>" in the text becomes id 151645; with
+`split_special_tokens=True` (transformers) / `encode_special_tokens = True` (tokenizers) it stays text, with
+exactly the ids of `encode(text, allowed_special=set())`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from .tokenization_qwen import PAT_STR, SPECIAL_START_ID, SPECIAL_TOKENS, load_tiktoken_ranks
+
+
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> character map: printable Latin-1 bytes stand for themselves, the other 68 bytes are
+    written as the characters from U+0100 on, in byte order (the map the `ByteLevel` pre-tokeniser applies)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    alphabet = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in alphabet:
+            alphabet[b] = chr(0x100 + shifted)
+            shifted += 1
+    return alphabet
+
+
+def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """tiktoken's BPE on `token` alone, using only ranks below `max_rank`: repeatedly join the adjacent pair
+    whose join has the lowest rank (leftmost on ties) until no pair qualifies."""
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while len(parts) > 1:
+        best_rank, best_i = max_rank, -1
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < best_rank:
+                best_rank, best_i = rank, i
+        if best_i < 0:
+            break
+        parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+    return parts
+
+
+def rebuild_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The BPE merges that produce every multi-byte token, in the order of the ranks they produce.
+
+    Raises ValueError for a token that its lower ranks cannot build in one last merge (a vocabulary that is
+    not a byte-level BPE), or when a single byte is missing (BPE could not start from every byte).
+    """
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(f"the vocabulary lacks single-byte tokens for bytes {missing[:8]}; byte-level BPE needs all 256")
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = _bpe_parts(ranks, token, rank)
+        if len(parts) != 2:
+            raise ValueError(f"token {token!r} (rank {rank}) is not one merge of two lower-ranked tokens: "
+                             f"its lower ranks leave {len(parts)} parts {parts[:4]}")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def build_fast_tokenizer(vocab_file: str | os.PathLike) -> Tokenizer:
+    """A `tokenizers.Tokenizer` with the ids of `QWenTokenizer(vocab_file)` (see the module docstring)."""
+    ranks = load_tiktoken_ranks(vocab_file)
+    alphabet = byte_level_alphabet()
+
+    def spell(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    vocab = {spell(token): rank for token, rank in ranks.items()}
+    if len(ranks) != SPECIAL_START_ID:  # ids left free below the specials: keep the specials at their ids
+        vocab.update(SPECIAL_TOKENS)
+    merges = [(spell(a), spell(b)) for a, b in rebuild_merges(ranks)]
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, ignore_merges=True, byte_fallback=False, fuse_unk=False, dropout=None)
+    )
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only; adds no token
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=True) for token in SPECIAL_TOKENS])
+    wrong = {t: tokenizer.token_to_id(t) for t, i in SPECIAL_TOKENS.items() if tokenizer.token_to_id(t) != i}
+    if wrong:
+        raise ValueError(f"special tokens landed on other ids: {dict(list(wrong.items())[:3])}")
+    return tokenizer
