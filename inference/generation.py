@@ -135,13 +135,18 @@ def generate_answers(
     max_new_tokens: int = 512,
     temperature: float = 0.0,
     top_p: float = 0.8,
-    repetition_penalty: float | None = None,
+    repetition_penalty: float = 1.0,
     streamer=None,
     stopping_criteria=None,
     pixel_override=None,
 ) -> list[str]:
     """Answers for a batch of prompts (greedy when temperature is 0). `pixel_override(pixels)` lets the demo
-    evaluation blank the images after preprocessing; `stopping_criteria` (a stop button's) end it early."""
+    evaluation blank the images after preprocessing; `stopping_criteria` (a stop button's) end it early.
+
+    No repetition penalty unless asked (`repetition_penalty` other than 1.0): the 1.1 of Qwen-7B-Chat's
+    generation_config.json is not applied, as every setting is passed to `generate` explicitly (in transformers
+    5 even an explicit None overrides the checkpoint's value, and means no penalty). The `--format llava`
+    export's generation_config.json says the same (model/export_llava.py)."""
     if not temperature >= 0 or temperature == float("inf"):  # NaN fails the first test
         raise ValueError(f"temperature {temperature}: must be 0 (greedy) or a positive number")
     input_ids, attention_mask, pixel_values = prompt_tensors(prompts, tokenizer, processor, system, num_image_tokens)
@@ -161,7 +166,7 @@ def generate_answers(
         temperature=temperature if sampling else None,
         top_p=top_p if sampling else None,
         top_k=None,
-        repetition_penalty=repetition_penalty,  # None: the checkpoint's generation_config.json (1.1 for Qwen-7B-Chat)
+        repetition_penalty=repetition_penalty,  # see the docstring: 1.0 (none) unless asked
         eos_token_id=stops,
         pad_token_id=tokenizer.pad_token_id,
         logits_processor=LogitsProcessorList([AllowedTokens(allowed_token_mask(tokenizer, model.config.vocab_size))]),

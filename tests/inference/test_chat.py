@@ -148,6 +148,21 @@ def test_generation_errors_reach_the_caller(answerer):
         list(answerer.stream(Prompt(f"{TAG}\nHello", []), system=None, max_new_tokens=4))
 
 
+def test_no_repetition_penalty_unless_asked(answerer):
+    """The tiny QWen's generation_config.json says repetition_penalty 1.1, as Qwen-7B-Chat's does; answers
+    apply none by default (what the llava export's generation_config.json says too), and a penalty on request."""
+    assert answerer.model.generation_config.repetition_penalty == 1.1
+    prompts = [Prompt(make_query(q, 1), [picture(c, k)]) for q, c, k in
+               (("What is it?", (215, 30, 30), 0), ("Describe it.", (35, 65, 215), 3), ("颜色？", (30, 150, 45), 1))]
+
+    def answers(**gen):
+        return answerer.generate(prompts, max_new_tokens=24, **gen)
+
+    default = answers()
+    assert default == answers(repetition_penalty=1.0)
+    assert default != answers(repetition_penalty=1.1)
+
+
 def test_find_checkpoint_takes_the_newest_bundle_or_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no trained checkpoint found under .*outputs/ \(run `bash train.sh`"):
         find_checkpoint(None, tmp_path / "outputs")
