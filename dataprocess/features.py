@@ -50,11 +50,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from common.fileio import fsync_file, staged_folder, write_json
+from common.fileio import staged_folder, write_json
+from common.safetensors_file import save_safetensors
 from dataprocess.schema import read_samples
 from visual.clip_tower import (
     CLIPVisionTower,
@@ -319,8 +319,7 @@ class _ShardWriter:
         if not self._pending:
             return
         file = SHARD_PATTERN.format(len(self.shards))
-        save_file(self._pending, str(self.folder / file), metadata={"format": "pt"})
-        fsync_file(self.folder / file)  # on disk before the manifest that vouches for it
+        save_safetensors(self._pending, self.folder / file)  # whole and on disk before the manifest vouches for it
         self.shards.append({"file": file, "images": len(self._pending), "bytes": (self.folder / file).stat().st_size})
         self._pending, self._pending_bytes = {}, HEADER_BYTES
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from transformers import CLIPModel
 
-from common.fileio import staged_file
+from common.safetensors_file import save_safetensors
 from dataprocess.aic import PROMPTS as CAPTION_PROMPTS
 from demo.synthetic import AIC_TEMPLATES, ATTRIBUTES, COLOURS, POSITIONS, QUESTIONS, SHAPES, Item, draw_image
 from qwen import DEFAULT_SYSTEM, make_context
@@ -201,6 +200,5 @@ def pretrain_clip(clip_dir: Path, demo: DemoConfig, log_every: int = 50) -> list
         if (step + 1) % log_every == 0 or step == 0:
             print(f"  CLIP pretraining step {step + 1}/{demo.clip_pretrain_steps}  loss {loss.item():.3f}  "
                   f"({time.time() - started:.0f} s)", flush=True)
-    with staged_file(clip_dir / "model.safetensors") as temp:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, temp, metadata={"format": "pt"})
+    save_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, clip_dir / "model.safetensors")
     return losses

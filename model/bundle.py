@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from common.fileio import staged_files, write_json
+from common.safetensors_file import save_safetensors
 from qwen import DEFAULT_SYSTEM, IMAGE_TOKEN_ID, QWenConfig
 from settings import ConfigError, build
 from visual import CLIPVisionTower
@@ -139,8 +140,8 @@ def save_bundle(model, folder: str | os.PathLike, config: BundleConfig) -> Path:
         if has_adapter:
             model.save_pretrained(staging, safe_serialization=True)
         projector = unwrap(model).projector
-        save_file({k: v.detach().float().contiguous() for k, v in projector.state_dict().items()},
-                  str(staging / PROJECTOR_FILE), metadata={"format": "pt"})
+        save_safetensors({k: v.detach().float().contiguous() for k, v in projector.state_dict().items()},
+                         staging / PROJECTOR_FILE)
         dataclasses.replace(config, adapter=has_adapter).save(staging)
     return folder
 

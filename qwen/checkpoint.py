@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from common.fileio import write_json
+from common.safetensors_file import save_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -80,14 +82,14 @@ def save_sharded_safetensors(
         per = math.ceil(len(names) / max(num_shards or 1, 1))
         groups = [names[i : i + per] for i in range(0, len(names), per)]
     if len(groups) == 1:
-        save_file(state_dict, str(folder / SINGLE_FILE), metadata={"format": "pt"})
+        save_safetensors(state_dict, folder / SINGLE_FILE)
         return [SINGLE_FILE]
     weight_map, written = {}, []
     for i, group in enumerate(groups):
         shard_name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file({n: state_dict[n] for n in group}, str(folder / shard_name), metadata={"format": "pt"})
+        save_safetensors({n: state_dict[n] for n in group}, folder / shard_name)
         weight_map.update(dict.fromkeys(group, shard_name))
         written.append(shard_name)
     index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    write_json(folder / INDEX_FILE, index)
     return [*written, INDEX_FILE]

@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
 CLOCKS = {"perf_counter", "perf_counter_ns", "monotonic", "monotonic_ns", "time", "time_ns", "process_time"}
 
 
@@ -43,3 +44,31 @@ def test_no_test_asserts_on_the_clock():
     found = [f"{path.relative_to(TESTS)}:{line}" for path in sorted(TESTS.rglob("*.py"))
              for line in timed_assertions(path.read_text(encoding="utf-8"))]
     assert not found, f"tests that assert on the clock: {found}"
+
+
+def direct_safetensors_writes(source: str) -> list[int]:
+    """Lines that import or call safetensors' own writers (save_file, save_model)."""
+    writers = {"save_file", "save_model"}
+    return [node.lineno for node in ast.walk(ast.parse(source))
+            if (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("safetensors")
+                and any(alias.name in writers for alias in node.names))
+            or (isinstance(node, ast.Attribute) and node.attr in writers
+                and isinstance(node.value, ast.Attribute) and node.value.attr == "torch")]
+
+
+def test_the_safetensors_rule_sees_a_direct_write():
+    assert direct_safetensors_writes("from safetensors.torch import load_file, save_file\n") == [1]
+    assert direct_safetensors_writes("import safetensors.torch\nsafetensors.torch.save_file(t, 'x')\n") == [2]
+    assert direct_safetensors_writes("from safetensors.torch import load_file\nsave_safetensors(t, p)\n") == []
+
+
+def test_safetensors_files_are_written_by_one_writer():
+    """safetensors' save_file makes owner-only files (0600) whatever the umask: the project's code writes them
+    through common.safetensors_file.save_safetensors (whole, 0644), the one module that calls it. Tests may
+    write fixtures as they like."""
+    packages = [p.parent for p in sorted(ROOT.glob("*/__init__.py")) if p.parent != TESTS]
+    files = [*sorted(ROOT.glob("*.py")), *(f for package in packages for f in sorted(package.rglob("*.py")))]
+    assert any(f.name == "checkpoint.py" for f in files)  # the scan sees the project's code
+    found = [f"{f.relative_to(ROOT)}:{line}" for f in files if f != ROOT / "common" / "safetensors_file.py"
+             for line in direct_safetensors_writes(f.read_text(encoding="utf-8"))]
+    assert not found, f"safetensors written directly (use common.safetensors_file.save_safetensors): {found}"

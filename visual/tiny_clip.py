@@ -20,11 +20,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from common.fileio import staged_folder
+from common.safetensors_file import save_safetensors
 from visual.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value the official preprocessor_config.json stores
@@ -173,7 +173,7 @@ def write_tiny_clip_checkpoint(
 
     with staged_folder(path) as staging:
         config.to_json_file(staging / "config.json")
-        save_file(state_dict, staging / "model.safetensors", metadata={"format": "pt"})
+        save_safetensors(state_dict, staging / "model.safetensors")
         with open(staging / "preprocessor_config.json", "w") as f:
             json.dump(preprocessor_config(image_size), f, indent=2)
             f.write("\n")

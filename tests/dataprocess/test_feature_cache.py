@@ -227,9 +227,10 @@ def test_weights_rewritten_in_place_make_the_cache_stale(project, tiny_clip_dir,
     preprocessing, other features. The cache records the weights' SHA-256 and refuses the changed tower."""
     import shutil
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from common.fileio import staged_file
+    from common.safetensors_file import save_safetensors
 
     clip = tmp_path / "clip"
     shutil.copytree(tiny_clip_dir, clip)
@@ -249,8 +250,7 @@ def test_weights_rewritten_in_place_make_the_cache_stale(project, tiny_clip_dir,
     # new weights written in place, as demo.pretrain.pretrain_clip saves them
     weights = load_file(clip / "model.safetensors")
     weights["vision_model.encoder.layers.0.mlp.fc1.weight"] += 0.01
-    with staged_file(clip / "model.safetensors") as temp:
-        save_file(weights, str(temp), metadata={"format": "pt"})
+    save_safetensors(weights, clip / "model.safetensors")
     with pytest.raises(FeatureCacheError, match="the tower's weights changed since the cache was computed") as error:
         build_feature_cache(images, tmp_path / "features", **kwargs)
     assert "model.safetensors sha256:" + digest[:8] in str(error.value) and "--rebuild-features" in str(error.value)

@@ -4,6 +4,7 @@ exported config names no code file it does not ship."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from model import apply_lora, build_vlm, bundle_config_for, save_bundle
 from model.export import main as export_main
 from model.export import portable_config
 from qwen.tiny import write_tiny_qwen_checkpoint
+from visual import write_tiny_clip_checkpoint
 
 AUTO_MAP = {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}
 TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}
@@ -121,3 +123,27 @@ def test_the_exported_config_names_only_code_it_ships(run_dir, base, tmp_path):
     assert json.loads((staging / "tokenizer_config.json").read_text())["auto_map"] == TOKENIZER_AUTO_MAP
     assert sorted(p.name for p in staging.glob("*.py")) == [
         "configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "tokenization_qwen.py"]
+
+
+def test_every_written_file_is_readable_by_others(tmp_path, byte_vocab_file):
+    """safetensors' save_file makes owner-only files (0600) whatever the umask. Under the usual umask 022, every
+    file of the tiny QWen and CLIP checkpoints, of a bundle and of both export formats is readable by others."""
+    def private(folder: Path) -> list[str]:
+        return [str(p.relative_to(tmp_path)) for p in sorted(folder.rglob("*"))
+                if p.is_file() and p.stat().st_mode & 0o044 != 0o044]
+
+    old_umask = os.umask(0o022)
+    try:
+        qwen = write_tiny_qwen_checkpoint(tmp_path / "qwen", hidden_size=32, intermediate_size=64,
+                                          vocab_file=byte_vocab_file, num_shards=2)
+        clip = write_tiny_clip_checkpoint(tmp_path / "clip", image_size=28, hidden_size=32, intermediate_size=64)
+        model = build_vlm(qwen, clip)
+        bundle = tmp_path / "bundle"
+        save_bundle(apply_lora(model, r=2, alpha=4, verbose=False), bundle, bundle_config_for(model, qwen, clip, "x"))
+        assert export("--checkpoint", bundle, "--output", tmp_path / "qwen-format") == 0
+        assert export("--checkpoint", bundle, "--output", tmp_path / "llava-format", "--format", "llava") == 0
+    finally:
+        os.umask(old_umask)
+    written_by = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*.safetensors")}
+    assert written_by == {"qwen", "clip", "bundle", "qwen-format", "llava-format"}
+    assert private(tmp_path) == []

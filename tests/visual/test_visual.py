@@ -301,7 +301,7 @@ def test_tiny_writer_never_leaves_a_half_written_folder(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(visual.tiny_clip, "save_file", crash)
+    monkeypatch.setattr(visual.tiny_clip, "save_safetensors", crash)
     with pytest.raises(OSError, match="disk full"):
         write_tiny_clip_checkpoint(target)
     assert list(tmp_path.iterdir()) == []  # neither the target nor a staging folder
