@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -253,6 +254,22 @@ class QWenPreTrainedModel(PreTrainedModel):
     # token equally across gradient-accumulation steps and ranks (and does not divide by the steps again).
     accepts_loss_kwargs = True
 
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+    ):
+        """Activation checkpointing of the blocks, always non-reentrant, so that it is correct by construction:
+        reentrant checkpointing needs an input that requires grad (with frozen embeddings a text-only batch
+        would give a loss without a graph unless a hook fixes it) and under DDP marks LoRA weights ready twice.
+        `use_reentrant=True` is refused; torch's own default (reentrant) never applies."""
+        kwargs = dict(activation_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant", False):
+            raise ValueError(
+                "activation checkpointing with use_reentrant=True is not supported (reentrant checkpointing loses the "
+                "graph of text-only batches with frozen embeddings and breaks DDP with LoRA): leave use_reentrant out"
+            )
+        kwargs["use_reentrant"] = False
+        super().activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+
     def _init_weights(self, module: nn.Module) -> None:
         """The original's init: N(0, initializer_range), zero biases, unit norms, scaled residual projections."""
         std = self.config.initializer_range
@@ -406,25 +423,40 @@ class QWenModel(QWenPreTrainedModel):
         )
 
 
-def causal_lm_loss(
-    hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: nn.Linear, num_items_in_batch=None
-) -> torch.Tensor:
-    """Next-token cross-entropy over positions whose label is not -100, computing logits only there.
+def supervised_token_losses(
+    hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: nn.Linear, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy at every position whose next label is not -100, computing logits only there:
+    equal to shifting full logits and calling cross_entropy(ignore_index=-100, reduction="none"), without
+    materialising [B, T, vocab] (151936 columns: about 1.2 GB of fp32 logits per 2k-token sample).
 
-    Equal to shifting full logits and calling cross_entropy(ignore_index=-100), without materialising
-    [B, T, vocab] (151936 columns: about 1.2 GB of fp32 logits per 2k-token sample). The sum is divided by
-    `num_items_in_batch` when the Trainer gives it (the supervised tokens of the whole optimizer step, over
-    gradient-accumulation steps and ranks), so every token weighs the same however the batch is split; else
-    by this batch's own count. An all-ignored batch gives 0 (with a graph), not NaN.
+    Returns (losses [N] fp32, keep [B, T-1]): position t predicts labels[t + 1]; `keep` marks the N supervised
+    positions in row-major order. With `label_smoothing` eps each token's loss is (1 - eps) * NLL + eps * the
+    mean over the vocabulary of -log p (what transformers' label smoother computes, here on shifted labels).
     """
     shift_labels = labels[:, 1:]
     keep = shift_labels != -100  # [B, T-1]
     picked = hidden_states[:, :-1][keep]  # [N, hidden]
     logits = lm_head(picked).float()  # [N, vocab]
-    total = F.cross_entropy(logits, shift_labels[keep], reduction="sum")
+    losses = F.cross_entropy(logits, shift_labels[keep], reduction="none", label_smoothing=label_smoothing)
+    return losses, keep
+
+
+def normalise_loss(total: torch.Tensor, keep: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """The summed token losses divided by `num_items_in_batch` when the Trainer gives it (the supervised tokens
+    of the whole optimizer step, over gradient-accumulation steps and ranks), so every token weighs the same
+    however the batch is split; else by this batch's own count. An all-ignored batch gives 0 (with a graph)."""
     if num_items_in_batch is not None:
         return total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
     return total / keep.sum().clamp(min=1)
+
+
+@dataclass
+class QWenCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `row_loss_sums` [B]: each row's summed (not averaged) token losses, given
+    with `return_row_loss_sums=True`, so that an evaluation can weigh every supervised token the same."""
+
+    row_loss_sums: torch.Tensor | None = None
 
 
 class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
@@ -463,10 +495,15 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         return_logits: bool = True,
         logits_to_keep: int = 0,
         num_items_in_batch=None,
+        label_smoothing: float = 0.0,
+        return_row_loss_sums: bool = False,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """Standard causal-LM forward. With `labels`, the loss is computed from the supervised positions only;
-        `return_logits=False` then skips the full [B, T, vocab] logits (the training path)."""
+    ) -> QWenCausalLMOutput:
+        """Standard causal-LM forward. With `labels`, the loss is computed from the supervised positions only
+        (`label_smoothing` applied there, see `supervised_token_losses`); `return_logits=False` then skips the
+        full [B, T, vocab] logits (the training path), and no KV cache is built unless `use_cache=True` asks."""
+        if labels is not None and use_cache is None:
+            use_cache = False  # a loss needs no cache (at 7B, batch 8 x 2048 tokens it would hold 8.6 GB)
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -476,13 +513,17 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
         )
         hidden_states = outputs.last_hidden_state
-        loss = None
+        loss = row_loss_sums = None
         if labels is not None:
-            loss = causal_lm_loss(hidden_states, labels, self.lm_head, num_items_in_batch)
+            losses, keep = supervised_token_losses(hidden_states, labels, self.lm_head, label_smoothing)
+            loss = normalise_loss(losses.sum(), keep, num_items_in_batch)
+            if return_row_loss_sums:
+                row_loss_sums = losses.new_zeros(keep.shape).masked_scatter(keep, losses).sum(-1)  # [B]
         logits = None
         if return_logits or labels is None:
             kept = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
             logits = self.lm_head(kept)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        return QWenCausalLMOutput(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            row_loss_sums=row_loss_sums,
         )
