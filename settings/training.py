@@ -5,14 +5,19 @@
 The `model`, `lora` and `training` sections map one to one onto `ModelConfig`, `LoraConfig` and
 `TrainArguments` (a `transformers.TrainingArguments` with our fields added); from the `data` section
 training takes the processed files, `max_length` and `feature_cache` (`DataArguments`). Every field of
-the four can be given as a flag. An unknown key in any section, or an unknown flag, is an error naming it.
+the four can be given as a flag. An unknown key in any section, an unknown or abbreviated flag, a flag's
+unusable value and a training value of the wrong type (checked against the `TrainArguments` field's type
+before argparse sees it) are each one `ConfigError` naming the key or flag.
 This module imports transformers (seconds): only train.py and the demo's evaluation use it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +41,9 @@ class DataArguments:
 class TrainArguments(TrainingArguments):
     projector_learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the projector"})
     output_dir: str | None = field(default="outputs/run", metadata={"help": "checkpoints, logs and the final bundle"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "replace the previous run in a non-empty output_dir: its checkpoints, bundle, metrics and logs are "
+                "deleted first (without it, and without --resume_from_checkpoint, a non-empty output_dir is refused)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep False: pixel_values must reach the model"})
 
 
@@ -50,10 +58,83 @@ class TrainSetup:
     config: Config
 
 
+_TRUTHY = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # what HfArgumentParser reads as a bool
+
+
+def _describe(annotation) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums:
+            return "one of: " + ", ".join(str(m.value) for m in enums[0])
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is typing.Literal:
+        return "one of: " + ", ".join(map(repr, args))
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is dict or annotation is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
+
+
+def _fits(value, annotation) -> bool:
+    """Whether HfArgumentParser and TrainingArguments can use `value` (from YAML) for a field of this type."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums and isinstance(value, str):  # e.g. `SchedulerType | str`: the string must name a member
+            return any(value in {m.value for m in e} for e in enums)
+        return any(_fits(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is bool:
+        return isinstance(value, bool) or (isinstance(value, str) and value.lower() in _TRUTHY)
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            return False
+        if isinstance(value, (int, float)) and (annotation is float or isinstance(value, int)):
+            return True
+        try:  # a string argparse converts: YAML reads 1e-4 (no dot) as a string
+            annotation(value)
+        except (TypeError, ValueError):
+            return False
+        return isinstance(value, str)
+    if annotation is str:
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return value in {m.value for m in annotation} or isinstance(value, annotation)
+    return True  # anything else (ParallelismConfig, ...) is left to TrainingArguments
+
+
+def check_training_types(training: dict, where: str) -> None:
+    """Refuse a training value of the wrong type, naming the key and the file (instead of argparse's complaint
+    about a command-line flag the user never typed)."""
+    hints = typing.get_type_hints(TrainArguments)
+    for key, value in training.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise ConfigError(f"{where}.{key}: expected {_describe(hints[key])}, got {value!r}")
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser whose errors are one ConfigError line (not a usage dump and SystemExit)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see `python train.py --help`)")
+
+
 def _defaults(config: Config) -> dict:
     """{field name: value} of the config's model, lora and training sections and of the data it trains on."""
     check_keys(config.training, [f.name for f in dataclasses.fields(TrainArguments) if f.init],
                f"{config.path}: training")
+    check_training_types(config.training, f"{config.path}: training")
     defaults = {}
     if config.model is not None:
         defaults.update(dataclasses.asdict(config.model))
@@ -86,8 +167,7 @@ def parse_train_args(argv: list[str] | None = None) -> TrainSetup:
         config_path = Path(argv[i + 1])
         del argv[i : i + 2]
     config = load_config(config_path)
-    parser = HfArgumentParser((ModelConfig, DataArguments, LoraConfig, TrainArguments))
-    parser.allow_abbrev = False  # `--learning_rat 3` is an unknown flag, not --learning_rate
+    parser = _Parser((ModelConfig, DataArguments, LoraConfig, TrainArguments), allow_abbrev=False)  # `--learning_rat 3`: unknown
     parser.set_defaults(**_defaults(config))
     # Required fields (the model paths) may come from the config: make argparse accept their absence.
     for action in parser._actions:

@@ -7,6 +7,12 @@
   `train_sampling_strategy: group_by_length`.
 - `_save` / `_load_from_checkpoint`: every checkpoint is a complete bundle (adapter + projector + config,
   see `model/bundle.py`), and resuming restores both the adapter and the projector.
+- `compute_loss` / `prediction_step` / `evaluation_loop`: the Trainer never computes a loss of its own. Label
+  smoothing (`label_smoothing_factor`) is applied inside the model's shifted, token-weighted loss (the stock
+  label smoother would pop the labels and score unshifted full logits); the evaluation loss is the plain
+  cross-entropy summed over every supervised token of the validation set (all ranks) divided by their count,
+  not a mean of batch means, computed without a KV cache. Options that would weigh tokens otherwise are
+  refused (`unsupported_options`).
 """
 
 from __future__ import annotations
@@ -50,11 +56,72 @@ def build_param_groups(
     return out
 
 
+def unsupported_options(args) -> list[str]:
+    """The TrainingArguments values this trainer refuses, each as one sentence that starts with the option's name:
+    they would make the Trainer weigh or compute the loss otherwise than the model's token-weighted loss."""
+    problems = []
+    if not args.average_tokens_across_devices:
+        problems.append("average_tokens_across_devices: false is not supported: the loss weighs every supervised "
+                        "token of an optimizer step the same on every rank, which needs the token count of all ranks")
+    if args.label_names not in (None, ["labels"]):
+        problems.append(f"label_names: {args.label_names} is not supported: the batches carry their targets as "
+                        "`labels`, and the loss is the model's")
+    if not 0.0 <= args.label_smoothing_factor < 1.0:
+        problems.append(f"label_smoothing_factor: {args.label_smoothing_factor} is not in [0, 1)")
+    if (args.activation_checkpointing_kwargs or {}).get("use_reentrant", False):
+        problems.append("use_reentrant: true (activation_checkpointing_kwargs) is not supported: reentrant "
+                        "checkpointing loses the graph of text-only batches and breaks DDP with LoRA; leave it out "
+                        "(checkpointing here is always non-reentrant)")
+    return problems
+
+
 class VLMTrainer(Trainer):
     def __init__(self, *args, bundle_config: BundleConfig, projector_learning_rate: float, **kwargs):
         super().__init__(*args, **kwargs)
+        if problems := unsupported_options(self.args):
+            raise ValueError("; ".join(problems))
         self.bundle_config = bundle_config
         self.projector_learning_rate = projector_learning_rate
+        # Label smoothing happens inside the model's loss (shifted, supervised positions, num_items_in_batch): the
+        # stock smoother would pop the labels and smooth an unshifted loss over full logits.
+        self.label_smoothing = float(self.args.label_smoothing_factor)
+        self.label_smoother = None
+        self._eval_sums = [0.0, 0]  # [summed token loss, supervised tokens] of the evaluation under way
+
+    # ------------------------------------------------------------------ the loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.label_smoothing and model.training and "labels" in inputs:
+            inputs = {**inputs, "label_smoothing": self.label_smoothing}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The evaluation step: per-row summed token losses, gathered over ranks (padding duplicates dropped) into
+        the running totals of `evaluation_loop`; no KV cache, no [B, T, vocab] logits."""
+        if not prediction_loss_only or inputs.get("labels") is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs, use_cache=False, return_row_loss_sums=True)
+        sums = outputs.row_loss_sums.detach().float()  # [B]
+        counts = (inputs["labels"][:, 1:] != -100).sum(-1).to(sums.dtype)  # [B]
+        everyone = self.accelerator.gather_for_metrics(torch.stack([sums, counts], dim=-1))  # [B x ranks, 2]
+        total = everyone.sum(0).tolist()
+        self._eval_sums[0] += total[0]
+        self._eval_sums[1] += int(total[1])
+        return (sums.sum() / counts.sum().clamp(min=1)).detach(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        self._eval_sums = [0.0, 0]
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        loss_sum, tokens = self._eval_sums
+        if tokens and f"{metric_key_prefix}_loss" in output.metrics:
+            output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / tokens
+        return output
+
+    # ------------------------------------------------------------------ optimizer, sampler, checkpoints
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
