@@ -4,7 +4,12 @@
     torchrun --nproc_per_node 4 train.py --config configs/qwen7b_coco.yaml     (what train.sh runs)
 
 Every checkpoint (`<output_dir>/checkpoint-N`) and the final `<output_dir>` are complete bundles that
-`infer.py --checkpoint` loads; `--resume_from_checkpoint <dir>` (or `latest`) continues a run exactly.
+`infer.py --checkpoint` loads; `--resume_from_checkpoint <dir>` (or `latest`: the newest complete checkpoint,
+passing over one whose save was interrupted) continues a run exactly. A non-empty output_dir is refused unless
+the run resumes or `--overwrite_output_dir` replaces the previous run (see training/checkpoints.py).
+
+Exit status 2, with one line, for anything wrong found before training: a config or flag error, a missing
+model, data file or every image, an output_dir that is a file or holds another run, an incomplete checkpoint.
 
 With `data.feature_cache` set (or `--feature_cache DIR`; `--feature_cache ""` ignores the config's), batches
 carry the CLIP features precomputed by `process_image.py --cache-features` instead of pixels, and the tower
@@ -16,22 +21,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from dataprocess.features import FeatureCache, cache_identity, images_of_jsonl
 from dataset import DataCollator, NoUsableSampleError, SupervisedDataset
 from model import apply_lora, build_vlm, bundle_config_for
-from model.bundle import BUNDLE_CONFIG_FILE, check_compatible
+from model.bundle import check_compatible
 from qwen import QWenTokenizer
 from settings import ConfigError
 from settings.training import TrainSetup, parse_train_args
-from training.trainer import VLMTrainer
+from training.checkpoints import check_output_dir, clear_previous_run, resolve_resume
+from training.trainer import VLMTrainer, unsupported_options
 from visual import CLIPImagePreprocessor
 
 
@@ -47,6 +53,22 @@ def check_inputs(setup: TrainSetup) -> None:
         )
     if data.eval_file and not Path(data.eval_file).is_file():
         raise FileNotFoundError(f"validation data not found: {data.eval_file} (written by process_image.py)")
+    if not data.feature_cache:  # (the cache's own check covers its images)
+        for path in filter(None, (data.train_file, data.eval_file)):
+            check_images_exist(path)
+
+
+def check_images_exist(jsonl: str) -> None:
+    """Refuse a data file none of whose images exists (moved since process_image.py?); name how many are missing
+    when only some are (their samples are skipped)."""
+    images = images_of_jsonl([jsonl])
+    missing = [p for p in images if not os.path.isfile(p)]
+    if images and len(missing) == len(images):
+        raise FileNotFoundError(f"none of the {len(images)} images of {jsonl} exists (first: {missing[0]}); were "
+                                "they moved after process_image.py? Rerun it with the images in place")
+    if missing:
+        print(f"train.py: {len(missing)} of the {len(images)} images of {jsonl} are missing (first: {missing[0]}): "
+              "their samples are skipped", file=sys.stderr)
 
 
 def open_feature_cache(setup: TrainSetup) -> FeatureCache | None:
@@ -65,21 +87,6 @@ def open_feature_cache(setup: TrainSetup) -> FeatureCache | None:
             f"{missing[0]}); complete it: `python process_image.py --config <config> --cache-features`"
         )
     return cache
-
-
-def resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    """The checkpoint folder to resume from (`latest`: the newest in output_dir), checked to be complete."""
-    if not resume:
-        return None
-    if resume.lower() in ("latest", "true"):
-        found = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if found is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-N folder in {output_dir}")
-        resume = found
-    for name in (BUNDLE_CONFIG_FILE, "trainer_state.json"):
-        if not (Path(resume) / name).is_file():
-            raise FileNotFoundError(f"cannot resume from {resume}: no {name} (not a complete checkpoint)")
-    return resume
 
 
 def build_datasets(setup: TrainSetup, tokenizer, num_image_tokens: int, feature_cache) -> dict[str, SupervisedDataset]:
@@ -143,22 +150,44 @@ def build(setup: TrainSetup, resume: str | None, feature_cache):
     return peft_model, tokenizer, datasets, bundle_config
 
 
+def prepare_output_dir(args, resume: str | None) -> None:
+    """With --overwrite_output_dir (and no resume), delete the previous run's files before anything is written:
+    the main process does it while the others wait."""
+    if resume or not args.overwrite_output_dir:
+        return
+    with args.main_process_first(desc="clearing output_dir", local=False):
+        if args.should_save:
+            deleted, kept = clear_previous_run(args.output_dir)
+            if deleted:
+                print(f"--overwrite_output_dir: replacing the previous run in {args.output_dir} (deleted: "
+                      f"{', '.join(deleted)})" + (f"; left in place: {', '.join(kept)}" if kept else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         setup = parse_train_args(argv)
+        args = setup.args
+        if problems := unsupported_options(args):
+            raise ConfigError("; ".join(problems))
         check_inputs(setup)
-        resume = resolve_resume(setup.args.resume_from_checkpoint, setup.args.output_dir)
+        check_output_dir(args.output_dir, resume=args.resume_from_checkpoint, overwrite=args.overwrite_output_dir)
+        resume, notes = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         feature_cache = open_feature_cache(setup)  # FeatureCacheError is a ValueError
-        set_seed(setup.args.seed)
+        set_seed(args.seed)
         peft_model, tokenizer, datasets, bundle_config = build(setup, resume, feature_cache)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
 
-    args = setup.args
+    if args.should_log:
+        for note in notes:
+            print(f"train.py: {note}")
+        if resume and args.overwrite_output_dir:
+            print("train.py: --overwrite_output_dir ignored: resuming continues the run in output_dir")
     if feature_cache is not None and args.should_log:
         print(f"image features from the cache {setup.data.feature_cache} ({len(feature_cache)} images, "
               f"{feature_cache.manifest['dtype']}): the vision tower is not run")
+    prepare_output_dir(args, resume)
     trainer = VLMTrainer(
         model=peft_model,
         args=args,
@@ -171,19 +200,30 @@ def main(argv: list[str] | None = None) -> int:
     if resume and args.should_log:
         step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
         print(f"Resuming from {resume} at step {step}")
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()  # the final bundle, in output_dir itself
-    if "eval" in datasets:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()  # the final bundle, in output_dir itself
+        if "eval" in datasets:
+            metrics = trainer.evaluate()
+            trainer.log_metrics("eval", metrics)
+            trainer.save_metrics("eval", metrics)
+    except NoUsableSampleError as e:  # every image failed during the run (raised in a DataLoader worker, maybe)
+        print(f"train.py: error: {_last_line(e)}", file=sys.stderr)
+        return 2
     check_ranks_agree(peft_model)
-    skipped = sum(getattr(d, "skipped", 0) for d in datasets.values())
+    skipped = trainer.skipped_samples()
     if skipped and args.should_log:
-        print(f"samples skipped for unreadable images (this process): {skipped}")
+        print(f"samples skipped for unreadable images (all processes, all epochs): {skipped}")
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def _last_line(error: Exception) -> str:
+    """The message itself, also when a DataLoader worker wrapped it in its traceback text."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    return last.split(f"{type(error).__name__}: ", 1)[-1]
 
 
 if __name__ == "__main__":

@@ -32,10 +32,14 @@ if [ -z "${NPROC:-}" ]; then
   fi
 fi
 
+DEMO_FLAGS=()
 if grep -q '^demo:' "$CONFIG"; then
   # The demo builds its own tiny checkpoints and synthetic data, then preprocesses them like real data.
   "$PYTHON" -m demo.prepare --config "$CONFIG"
   "$PYTHON" process_image.py --config "$CONFIG"
+  # Run again, the demo replaces its own previous run (train.py says what it deletes). Only the demo: any other
+  # config into a non-empty output_dir is refused unless resumed or given --overwrite_output_dir explicitly.
+  DEMO_FLAGS=(--overwrite_output_dir)
 fi
 
 # Environment overrides of the config's hyper-parameters, passed only when set (flags after train.sh win too).
@@ -50,7 +54,7 @@ if [ "$NPROC" -gt 1 ]; then
 else
   LAUNCH=("$PYTHON")
 fi
-"${LAUNCH[@]}" train.py --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} "$@"
+"${LAUNCH[@]}" train.py --config "$CONFIG" ${DEMO_FLAGS[@]+"${DEMO_FLAGS[@]}"} ${OVERRIDES[@]+"${OVERRIDES[@]}"} "$@"
 
 if grep -q '^demo:' "$CONFIG"; then
   "$PYTHON" -m demo.evaluate --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} "$@"

@@ -7,8 +7,11 @@ and the raw lines are kept in one byte buffer: DataLoader workers share it inste
 thousands of Python dicts. `__getitem__` re-encodes its sample (about a millisecond) and loads its images.
 
 A sample whose image cannot be loaded at training time never stops a run: it is skipped in favour
-of the next index that loads, counted in `skipped` (per process: each DataLoader worker counts its
-own) and named in a warning.
+of the next index that loads and named in a warning. It is left out only for the rest of the epoch (a
+read error may be transient): the next epoch tries it again. `skipped` counts the skips of this process
+and of its DataLoader workers together (a shared-memory counter, one slot per worker); the trainer adds
+up the processes' counts in its training log. A file in which no sample loads at all raises
+NoUsableSampleError.
 
 Caption samples list every valid caption as `candidates`; the one trained on is chosen from
 (seed, epoch, row of the sample in the file, turn), so that each epoch can see another caption and
@@ -29,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from dataprocess.schema import read_samples
 from dataset.conversation import IGNORE_INDEX, SampleTooLongError, encode_conversation
@@ -70,7 +73,11 @@ def choose_candidates(turns: Sequence[dict[str, Any]], *, seed: int, epoch: int,
 
 
 class NoUsableSampleError(ValueError):
-    """A data file with no sample that can be used (empty, or every sample too long for max_length)."""
+    """A data file with no sample that can be used (empty, every sample too long for max_length, or none whose
+    images load)."""
+
+
+SKIP_SLOTS = 257  # skip counters: slot 0 for the process itself, 1 + worker id for its DataLoader workers
 
 
 class SupervisedDataset(Dataset):
@@ -110,8 +117,9 @@ class SupervisedDataset(Dataset):
 
         self.unusable: list[str] = []  # ids of samples whose first turn pair does not fit max_length
         self.num_truncated = 0  # samples kept with trailing turn pairs dropped
-        self.skipped = 0  # samples skipped at __getitem__ in this process (image that does not load)
-        self._bad: set[int] = set()  # indices already skipped in this process
+        self._skips = torch.zeros(SKIP_SLOTS, dtype=torch.int64).share_memory_()  # seen by the main process
+        self._bad: set[int] = set()  # indices skipped in this process during epoch `_bad_epoch`
+        self._bad_epoch = 0
 
         lines: list[bytes] = []
         rows: list[int] = []
@@ -150,6 +158,12 @@ class SupervisedDataset(Dataset):
     def epoch(self) -> int:
         return int(self._epoch)
 
+    @property
+    def skipped(self) -> int:
+        """Samples skipped at __getitem__ (an image that does not load), by this process and its DataLoader
+        workers, over every epoch so far: a sample that fails in two epochs counts twice."""
+        return int(self._skips.sum())
+
     def set_epoch(self, epoch: int) -> None:
         """Called each epoch (accelerate does it; see dataset.sampler under DDP): changes caption choices."""
         self._epoch.fill_(int(epoch))
@@ -174,6 +188,9 @@ class SupervisedDataset(Dataset):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
         index %= n
+        if self._bad_epoch != self.epoch:  # a new epoch retries what failed in the last one
+            self._bad.clear()
+            self._bad_epoch = self.epoch
         for attempt in range(n):
             i = (index + attempt) % n
             if i in self._bad:
@@ -184,11 +201,12 @@ class SupervisedDataset(Dataset):
                 self._skip(i, f"image {e.path}: {e.reason}")
             except SampleTooLongError as e:  # a longer caption candidate than the one measured at init
                 self._skip(i, str(e))
-        raise RuntimeError(f"{self.path}: every sample was skipped in this process (see the warnings)")
+        raise NoUsableSampleError(f"{self.path}: no sample could be loaded (every image failed; see the warnings)")
 
     def _skip(self, index: int, why: str) -> None:
         self._bad.add(index)
-        self.skipped += 1
+        worker = get_worker_info()
+        self._skips[0 if worker is None else 1 + worker.id % (SKIP_SLOTS - 1)] += 1
         logger.warning("%s: skipping sample %d (%s): %s", self.path, index, self.sample(index)["id"], why)
 
     def _load(self, index: int) -> dict[str, torch.Tensor | None]:

@@ -7,12 +7,17 @@
   `train_sampling_strategy: group_by_length`.
 - `_save` / `_load_from_checkpoint`: every checkpoint is a complete bundle (adapter + projector + config,
   see `model/bundle.py`), and resuming restores both the adapter and the projector.
+- `_save_checkpoint`: a checkpoint is sealed once every rank has written its part (`training/checkpoints.py`:
+  files flushed to disk, then a record of them written last), and only then are old checkpoints rotated away
+  (`save_total_limit`), so an interrupted save never costs the previous complete checkpoint.
 - `compute_loss` / `prediction_step` / `evaluation_loop`: the Trainer never computes a loss of its own. Label
   smoothing (`label_smoothing_factor`) is applied inside the model's shifted, token-weighted loss (the stock
   label smoother would pop the labels and score unshifted full logits); the evaluation loss is the plain
   cross-entropy summed over every supervised token of the validation set (all ranks) divided by their count,
   not a mean of batch means, computed without a KV cache. Options that would weigh tokens otherwise are
   refused (`unsupported_options`).
+- `log`: training log lines carry `skipped_samples` once a sample has been skipped for an unreadable image:
+  the count of every rank and DataLoader worker since the run started (evaluations: `eval_skipped_samples`).
 """
 
 from __future__ import annotations
@@ -21,9 +26,13 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from common.fileio import fsync_file
 from dataset.sampler import LengthGroupedSampler
 from model.bundle import BundleConfig, check_compatible, load_trainable, save_bundle
+
+from .checkpoints import seal_checkpoint, unseal_checkpoint
 
 
 def build_param_groups(
@@ -119,7 +128,26 @@ class VLMTrainer(Trainer):
         loss_sum, tokens = self._eval_sums
         if tokens and f"{metric_key_prefix}_loss" in output.metrics:
             output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / tokens
+        if skipped := self.skipped_samples(getattr(dataloader, "dataset", None)):
+            output.metrics[f"{metric_key_prefix}_skipped_samples"] = skipped
         return output
+
+    # ------------------------------------------------------------------ logging
+
+    def skipped_samples(self, dataset=None) -> int:
+        """Samples of `dataset` (default: the training set) skipped so far for an image that did not load, added
+        up over every rank (and, by the dataset, over its DataLoader workers). Every rank must call it."""
+        dataset = self.train_dataset if dataset is None else dataset
+        count = torch.tensor([getattr(dataset, "skipped", 0)], dtype=torch.int64, device=self.args.device)
+        if self.args.world_size > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return int(count.item())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # a training log line ("loss") is written by every rank at the same step: the counts can be added up
+        if "loss" in logs and (skipped := self.skipped_samples()):
+            logs["skipped_samples"] = skipped
+        super().log(logs, start_time)
 
     # ------------------------------------------------------------------ optimizer, sampler, checkpoints
 
@@ -150,6 +178,26 @@ class VLMTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             save_bundle(self.model, output_dir, self.bundle_config)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        folder = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            unseal_checkpoint(folder)  # rewritten (a resumed run reaching the step of an interrupted save)
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # no rotation before the new checkpoint is sealed
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        for own in folder.glob(f"rng_state_{self.args.process_index}.pth"):  # each rank flushes its own file
+            fsync_file(own)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            seal_checkpoint(folder, self.state.global_step)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()  # nobody reads a checkpoint before it is sealed
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model if model is not None else self.model
