@@ -56,10 +56,10 @@ def check_inputs(setup: TrainSetup) -> None:
         raise FileNotFoundError(f"validation data not found: {data.eval_file} (written by process_image.py)")
     if not data.feature_cache:  # (the cache's own check covers its images)
         for path in filter(None, (data.train_file, data.eval_file)):
-            check_images_exist(path)
+            check_images_exist(path, verbose=setup.args.should_log)
 
 
-def check_images_exist(jsonl: str) -> None:
+def check_images_exist(jsonl: str, verbose: bool = True) -> None:
     """Refuse a data file none of whose images exists (moved since process_image.py?); name how many are missing
     when only some are (their samples are skipped)."""
     images = images_of_jsonl([jsonl])
@@ -67,7 +67,7 @@ def check_images_exist(jsonl: str) -> None:
     if images and len(missing) == len(images):
         raise FileNotFoundError(f"none of the {len(images)} images of {jsonl} exists (first: {missing[0]}); were "
                                 "they moved after process_image.py? Rerun it with the images in place")
-    if missing:
+    if missing and verbose:
         print(f"train.py: {len(missing)} of the {len(images)} images of {jsonl} are missing (first: {missing[0]}): "
               "their samples are skipped", file=sys.stderr)
 
@@ -208,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             metrics = trainer.evaluate()
             trainer.log_metrics("eval", metrics)
             trainer.save_metrics("eval", metrics)
-    except NoUsableSampleError as e:  # every image failed during the run (raised in a DataLoader worker, maybe)
-        print(f"train.py: error: {_last_line(e)}", file=sys.stderr)
+    except NoUsableSampleError:  # every image failed during the run (in a DataLoader worker, maybe: its traceback text)
+        print("train.py: error: no sample could be loaded any more: every image failed (see the warnings above)",
+              file=sys.stderr)
         return 2
     check_ranks_agree(peft_model)
     skipped = trainer.skipped_samples()
@@ -232,13 +233,6 @@ def shut_down_distributed(trainer) -> None:
     trainer.model_wrapped = trainer.model
     gc.collect()
     dist.destroy_process_group()
-
-
-def _last_line(error: Exception) -> str:
-    """The message itself, also when a DataLoader worker wrapped it in its traceback text."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else type(error).__name__
-    return last.split(f"{type(error).__name__}: ", 1)[-1]
 
 
 if __name__ == "__main__":
