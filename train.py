@@ -198,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         bundle_config=bundle_config,
         projector_learning_rate=args.projector_learning_rate,
     )
+    if args.eval_generation_samples and "eval" in datasets:  # generation metrics beside the eval loss
+        from evaluation.callback import GenerationEvalCallback
+
+        trainer.add_callback(GenerationEvalCallback(trainer, setup.data.eval_file, args.eval_generation_samples,
+                                                    tokenizer, bundle_config))
     if resume and args.should_log:
         step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
         print(f"Resuming from {resume} at step {step}")

@@ -1,11 +1,14 @@
 """Does the trained demo model use the image? `python -m demo.evaluate --config config.yaml [train flags]`
 
-Asks every held-out question (colour, shape, corner; English and Chinese) about every held-out image, once
-with the image and once with the image blanked, and writes `<output_dir>/demo_eval.json`:
-{"accuracy_with_image", "accuracy_blind", "n", per-attribute and per-language accuracies, "blank"}.
-The blank image is mean grey: every pixel CLIP's mean colour, i.e. all zeros after normalisation, so the
-model sees an image with no content and can only fall back on its priors.
-An answer counts when it names exactly the expected label (`demo.synthetic.normalise_answer`).
+Asks every held-out question (colour, shape, corner; English and Chinese) about every held-out image with the
+project's evaluator (`evaluation.runner.evaluate_samples`) three times: with the image, with the image blanked
+and with the image of another held-out picture (a seeded derangement among the askers of the same question,
+the answer then scored against that picture's answer), and writes `<output_dir>/demo_eval.json`:
+{"accuracy_with_image", "accuracy_blind", "accuracy_shuffled", "chance_level", "n", "by_attribute",
+"by_language", "blank", ...}. The blank image is mean grey: every pixel CLIP's mean colour, i.e. all zeros
+after normalisation, so the model sees an image with no content and can only fall back on its priors.
+The chance level is what uniform guessing among each question's labels scores (1/6 colour, 1/3 shape,
+1/4 corner). An answer counts when it names exactly the expected label (`demo.synthetic.normalise_answer`).
 """
 
 from __future__ import annotations
@@ -13,62 +16,73 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from common.fileio import write_json
-from demo.synthetic import normalise_answer
-from inference import Prompt, load_checkpoint
-from qwen import IMAGE_TAG
 from settings import ConfigError
 from settings.training import parse_train_args
-from visual import load_image
 
-BLANK = "mean grey (CLIP's mean colour: zeros after normalisation)"
+PASS_KEYS = {"with_image": "correct", "blind": "blank_correct", "shuffled": "shuffled_correct"}
 
 
-def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64) -> dict:
-    loaded = load_checkpoint(checkpoint, device="cpu")
-    rows = json.loads(heldout_file.read_text(encoding="utf-8"))
-    items = []
-    for row in rows:
-        image = load_image(heldout_file.parent / row["image"])
+def heldout_samples(heldout_file: Path) -> list:
+    """One qa sample per (held-out image, question); samples asking the same question may swap images."""
+    from evaluation.samples import EvalSample
+    from qwen import IMAGE_TAG
+
+    samples = []
+    for row in json.loads(heldout_file.read_text(encoding="utf-8")):
+        image = str(heldout_file.parent / row["image"])
         for q in row["questions"]:
-            items.append((image, q))
+            samples.append(EvalSample(
+                id=f"{row['image']}:{q['lang']}:{q['attribute']}", language=q["lang"], kind="qa",
+                prompt=f"{IMAGE_TAG}\n{q['question']}", images=[image], references=[q["answer"]], answer=q["answer"],
+                group=q["question"], info={"attribute": q["attribute"]},
+            ))
+    return samples
 
-    scores = {"with_image": defaultdict(list), "blind": defaultdict(list)}
-    examples = []
-    for mode, override in (("with_image", None), ("blind", torch.zeros_like)):
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            prompts = [Prompt(f"{IMAGE_TAG}\n{q['question']}", [image]) for image, q in chunk]
-            answers = loaded.generate(prompts, max_new_tokens=12, pixel_override=override, repetition_penalty=1.0)
-            for (_, q), answer in zip(chunk, answers):
-                ok = normalise_answer(answer, q["lang"]) == normalise_answer(q["answer"], q["lang"])
-                for key in ("all", q["attribute"], q["lang"]):
-                    scores[mode][key].append(ok)
-                if mode == "with_image" and len(examples) < 12:
-                    examples.append({"question": q["question"], "expected": q["answer"], "answer": answer})
 
-    def acc(values):
-        return round(sum(values) / len(values), 4) if values else None
+def chance_level(attribute: str) -> float:
+    from demo.synthetic import ATTRIBUTES
 
+    return 1 / len(ATTRIBUTES[attribute])
+
+
+def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64, seed: int = 0) -> dict:
+    from demo.synthetic import normalise_answer
+    from evaluation.generation import BLANK
+    from evaluation.runner import evaluate_samples
+    from inference import IMAGE_MARK, load_checkpoint
+
+    samples = heldout_samples(heldout_file)
+    metrics, rows = evaluate_samples(
+        load_checkpoint(checkpoint, device="cpu"), samples, seed=seed, normalise=normalise_answer,
+        batch_size=batch_size, max_new_tokens=12, repetition_penalty=1.0, progress=False,
+    )
+
+    def accuracies(keep) -> dict:
+        chosen = [r for s, r in zip(samples, rows) if keep(s)]
+        return {name: round(sum(r[key] for r in chosen) / len(chosen), 4) if chosen else None
+                for name, key in PASS_KEYS.items()}
+
+    overall = accuracies(lambda s: True)
     return {
-        "accuracy_with_image": acc(scores["with_image"]["all"]),
-        "accuracy_blind": acc(scores["blind"]["all"]),
-        "n": len(items),
+        "accuracy_with_image": overall["with_image"],
+        "accuracy_blind": overall["blind"],
+        "accuracy_shuffled": overall["shuffled"],
+        "chance_level": round(sum(chance_level(s.info["attribute"]) for s in samples) / len(samples), 4),
+        "n": len(samples),
         "by_attribute": {
-            k: {"with_image": acc(scores["with_image"][k]), "blind": acc(scores["blind"][k])}
+            k: {**accuracies(lambda s, k=k: s.info["attribute"] == k), "chance": round(chance_level(k), 4)}
             for k in ("colour", "shape", "position")
         },
-        "by_language": {
-            k: {"with_image": acc(scores["with_image"][k]), "blind": acc(scores["blind"][k])} for k in ("en", "zh")
-        },
+        "by_language": {k: accuracies(lambda s, k=k: s.language == k) for k in ("en", "zh")},
         "blank": BLANK,
+        "shuffled": f"{metrics['shuffled']['swapped']} of {len(samples)} questions asked about another held-out "
+                    "image (same question), scored against that image's answer",
         "checkpoint": str(checkpoint),
-        "examples": examples,
+        "examples": [{"question": r["prompt"].replace(IMAGE_MARK, "").strip(), "expected": s.answer,
+                      "answer": r["prediction"]} for s, r in zip(samples[:12], rows[:12])],
     }
 
 
@@ -90,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(checkpoint, heldout)
     out = write_json(checkpoint / "demo_eval.json", result)
     print(f"demo: accuracy with the image {result['accuracy_with_image']:.3f}, with a blank image "
-          f"{result['accuracy_blind']:.3f} (n={result['n']}, {time.time() - started:.0f} s) -> {out}")
+          f"{result['accuracy_blind']:.3f}, with shuffled images {result['accuracy_shuffled']:.3f}, chance "
+          f"{result['chance_level']:.3f} (n={result['n']}, {time.time() - started:.0f} s) -> {out}")
     return 0
 
 

@@ -45,6 +45,9 @@ class TrainArguments(TrainingArguments):
         "help": "replace the previous run in a non-empty output_dir: its checkpoints, bundle, metrics and logs are "
                 "deleted first (without it, and without --resume_from_checkpoint, a non-empty output_dir is refused)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep False: pixel_values must reach the model"})
+    eval_generation_samples: int = field(default=0, metadata={
+        "help": "at each evaluation, generate answers for this many validation samples and log CIDEr, BLEU-4 and "
+                "accuracy (evaluation/callback.py; 0: off)"})
 
 
 @dataclass

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # (module whose main(argv) parses the command line, argv with an abbreviated flag, the abbreviation)
 CASES = [
     ("infer", ["--prompt", "x", "--max-new", "4"], "--max-new"),
+    ("evaluate", ["--predictions", "x.jsonl", "--pt"], "--pt"),
     ("process_image", ["--config", "none.yaml", "--cache-feat"], "--cache-feat"),
     ("model.export", ["--checkpoint", "a", "--output", "b", "--overwr"], "--overwr"),
     ("dataset.preflight", ["--config", "none.yaml", "--ind", "0"], "--ind"),

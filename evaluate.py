@@ -1,0 +1,154 @@
+"""Measure a trained checkpoint: caption metrics (English and Chinese), short-answer accuracy, image reliance.
+
+    python evaluate.py                                   # newest checkpoint under ./outputs, the config's validation split
+    python evaluate.py --checkpoint DIR --data FILE.jsonl [--limit N] [--batch-size B] [--output DIR]
+    python evaluate.py --predictions PRED.jsonl [--output DIR]      # score existing predictions, no model
+
+Generation mode asks each sample of a processed JSONL (process_image.py's output) its first question, greedily
+and in batches, three times: with its image, with a blank image and with another sample's image (a seeded
+derangement), then scores the answers (see evaluation/). Predictions mode scores rows
+{"id", "language": "en" | "zh", "prediction", "references": [...], "kind"?: "caption" | "qa", "answer"?}.
+Both print one JSON object (metrics.json) and write metrics.json, predictions.jsonl and report.md into the
+output folder (default: `<checkpoint>/eval-<data name>`, or `<predictions name>-scored` beside the
+predictions file). Exit status: 0 on success, 2 for bad input (one line naming the problem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """Bad input from the command line; printed as one line, exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other bad input
+        print(f"evaluate.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv):
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--predictions", help="score this JSONL of predictions (no model is loaded)")
+    parser.add_argument("--config", help="config whose data section names the validation split (default: config.yaml)")
+    parser.add_argument("--checkpoint", help="a bundle or merged export (default: the newest under ./outputs)")
+    parser.add_argument("--data", help="processed JSONL to evaluate (default: the config's validation split)")
+    parser.add_argument("--limit", type=positive_int, help="evaluate the first N samples only")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled-image pairing")
+    parser.add_argument("--output", help="folder for metrics.json, predictions.jsonl, report.md")
+    parser.add_argument("--ptb", action="store_true", help="English: the official PTB tokenizer (needs java)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--llm-path", help="the base QWen folder, if not where the checkpoint recorded it")
+    parser.add_argument("--vision-path", help="the CLIP folder, if not where the checkpoint recorded it")
+    return parser.parse_args(argv)
+
+
+def check_output(output: Path, inputs: list[Path]) -> None:
+    """An output is never one of the inputs, and the output folder is a folder."""
+    from common.paths import same_file
+    from evaluation.report import OUTPUT_FILES
+
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file, not a folder")
+    for path in inputs:
+        if any(same_file(output / name, path) for name in OUTPUT_FILES):
+            raise UsageError(f"the output folder {output} would overwrite the input {path}: pass another --output")
+
+
+def run_predictions(args) -> tuple[dict, list[dict], Path]:
+    from evaluation.runner import score_predictions
+    from evaluation.samples import read_predictions
+
+    source = Path(args.predictions)
+    output = Path(args.output) if args.output else source.with_name(f"{source.stem}-scored")
+    check_output(output, [source])
+    rows = read_predictions(source)
+    metrics, scored = score_predictions(rows, ptb=args.ptb)
+    metrics["settings"] = {"predictions": str(source)}
+    return metrics, scored, output
+
+
+def default_data(config: str | None) -> Path:
+    from settings import load_config
+
+    path = config or "config.yaml"
+    data = load_config(path, sections=("data",)).require("data")
+    return Path(data.resolved_val_output())
+
+
+def run_generation(args) -> tuple[dict, list[dict], Path]:
+    from evaluation.samples import read_processed
+    from inference import find_checkpoint
+
+    data = Path(args.data) if args.data else default_data(args.config)
+    checkpoint = find_checkpoint(args.checkpoint)
+    output = Path(args.output) if args.output else checkpoint / f"eval-{data.stem}"
+    check_output(output, [data])
+    samples = read_processed(data, limit=args.limit)
+    if not samples:
+        raise UsageError(f"no samples in {data}")
+    for s in samples:
+        for path in s.images:
+            if not Path(path).is_file():
+                raise UsageError(f"{data}: sample {s.id}: image not found: {path}")
+    from evaluation.runner import evaluate_samples  # torch: only once the inputs are known to be good
+    from inference import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint, device=args.device, llm_path=args.llm_path, vision_path=args.vision_path)
+    started = time.perf_counter()
+    metrics, rows = evaluate_samples(loaded, samples, seed=args.seed, ptb=args.ptb, batch_size=args.batch_size,
+                                     max_new_tokens=args.max_new_tokens)
+    seconds = time.perf_counter() - started
+    print(f"evaluate.py: {len(samples)} samples x 3 passes in {seconds:.1f} s "
+          f"({len(samples) / seconds:.2f} samples/s, {3 * len(samples) / seconds:.2f} answers/s)", file=sys.stderr)
+    metrics["settings"].update(checkpoint=str(checkpoint), data=str(data))
+    return metrics, rows, output
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from settings import ConfigError
+    from visual import ImageLoadError
+
+    try:
+        if args.ptb:
+            from evaluation.text import java_available
+
+            if not java_available():
+                raise UsageError("--ptb needs `java` on PATH (e.g. apt-get install default-jre)")
+        if args.predictions:
+            model_flags = [f for f in ("config", "checkpoint", "data", "limit", "device", "llm_path", "vision_path")
+                           if getattr(args, f) is not None]
+            if model_flags:
+                raise UsageError(f"--predictions scores a file without a model: --{model_flags[0].replace('_', '-')} "
+                                 "does not apply")
+            metrics, rows, output = run_predictions(args)
+        else:
+            metrics, rows, output = run_generation(args)
+        from evaluation.report import write_outputs
+
+        write_outputs(output, metrics, rows)
+    except (UsageError, ConfigError, ImageLoadError, FileNotFoundError, ValueError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, ensure_ascii=False))
+    print(f"evaluate.py: wrote {output}/metrics.json, predictions.jsonl, report.md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
