@@ -82,19 +82,11 @@ def run_predictions(args) -> tuple[dict, list[dict], Path]:
     return metrics, scored, output
 
 
-def default_data(config: str | None) -> Path:
-    from settings import load_config
-
-    path = config or "config.yaml"
-    data = load_config(path, sections=("data",)).require("data")
-    return Path(data.resolved_val_output())
-
-
 def run_generation(args) -> tuple[dict, list[dict], Path]:
-    from evaluation.samples import read_processed
+    from evaluation.samples import read_processed, validation_split
     from inference import find_checkpoint
 
-    data = Path(args.data) if args.data else default_data(args.config)
+    data = Path(args.data) if args.data else validation_split(args.config or "config.yaml")
     checkpoint = find_checkpoint(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint / f"eval-{data.stem}"
     check_output(output, [data])

@@ -108,6 +108,13 @@ def sample_from_processed(row, where: str) -> EvalSample:
     )
 
 
+def validation_split(config: str | Path = "config.yaml") -> Path:
+    """The validation JSONL that process_image.py writes for `config` (its data section)."""
+    from settings import load_config
+
+    return Path(load_config(config, sections=("data",)).require("data").resolved_val_output())
+
+
 def read_predictions(path: str | Path) -> list[dict]:
     """Rows of a predictions file, checked: {"id", "language", "prediction", "references", "kind"?, "answer"?}.
     Other keys are kept (a predictions.jsonl written by evaluate.py reads back as is)."""

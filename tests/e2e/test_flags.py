@@ -27,6 +27,7 @@ CASES = [
     ("bench.vllm_generate", ["--size", "tiny", "--new-tok", "1"], "--new-tok"),
     ("demo.check_export", ["--checkpoint", "a", "--export", "b", "--image", "c", "--prompt", "d", "--max-new", "4"],
      "--max-new"),
+    ("bench.evaluate", ["--batch", "8"], "--batch"),
     ("webui", ["--shar"], "--shar"),
 ]
 
