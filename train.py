@@ -1,6 +1,8 @@
 """Train the VLM: LoRA on QWen + the projector, CLIP frozen, with the Hugging Face Trainer.
 
     python train.py --config config.yaml [--any_training_argument value ...]
+    python train.py --config C --stage align   (the projector alone, from the config's align section; then
+    python train.py --config C                  LoRA + projector, starting from the align run's projector)
     torchrun --nproc_per_node 4 train.py --config configs/qwen7b_coco.yaml     (what train.sh runs)
 
 Every checkpoint (`<output_dir>/checkpoint-N`) and the final `<output_dir>` are complete bundles that
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 from transformers import set_seed
 
+from common.paths import is_within
 from dataprocess.features import FeatureCache, cache_identity, images_of_jsonl
 from dataset import DataCollator, NoUsableSampleError, SupervisedDataset
 from model import apply_lora, build_vlm, bundle_config_for
@@ -38,6 +41,13 @@ from qwen import QWenTokenizer
 from settings import ConfigError
 from settings.training import TrainSetup, parse_train_args
 from training.checkpoints import check_output_dir, clear_previous_run, resolve_resume
+from training.stages import (
+    check_projector_folder,
+    load_start_projector,
+    prepare_align,
+    resolve_sources,
+    sample_filter,
+)
 from training.trainer import VLMTrainer, unsupported_options
 from visual import CLIPImagePreprocessor
 
@@ -47,6 +57,8 @@ def check_inputs(setup: TrainSetup) -> None:
     for label, path in (("model.llm_path", setup.model.llm_path), ("model.vision_path", setup.model.vision_path)):
         if not path or not Path(path).is_dir():
             raise FileNotFoundError(f"{label}: folder not found: {path}")
+    if setup.args.stage == "instruct" and setup.model.projector_path and not setup.args.resume_from_checkpoint:
+        check_projector_folder(setup.model.projector_path)
     data = setup.data
     if not data.train_file or not Path(data.train_file).is_file():
         raise FileNotFoundError(
@@ -91,17 +103,25 @@ def open_feature_cache(setup: TrainSetup) -> FeatureCache | None:
 
 
 def build_datasets(setup: TrainSetup, tokenizer, num_image_tokens: int, feature_cache) -> dict[str, SupervisedDataset]:
-    """The training dataset and, when the validation file has usable samples, the evaluation one."""
+    """The training dataset and, when the validation file has usable samples, the evaluation one; only the samples
+    of `sources` (and, in the align stage, only samples with an image)."""
     # With the feature cache, items carry `patch_features` instead of `pixel_values`: the tower never runs.
     processor = CLIPImagePreprocessor.from_pretrained(setup.model.vision_path) if feature_cache is None else None
+    sources = resolve_sources(setup.data.sources, setup.config.data) if setup.data.sources else None
+    keep = sample_filter(sources, need_images=setup.args.stage == "align")
 
     def make(path):
         return SupervisedDataset(
             path, tokenizer, processor, num_image_tokens=num_image_tokens, system=setup.model.system_prompt,
-            max_length=setup.data.max_length, seed=setup.args.seed, feature_loader=feature_cache,
+            max_length=setup.data.max_length, seed=setup.args.seed, feature_loader=feature_cache, keep=keep,
         )
 
     datasets = {"train": make(setup.data.train_file)}
+    if keep is not None and setup.args.should_log:
+        print(f"{setup.args.stage} stage: {len(datasets['train'])} training samples of "
+              f"{'sources ' + ', '.join(sources) if sources else 'every source'}"
+              f"{' with an image' if setup.args.stage == 'align' else ''} "
+              f"({datasets['train'].num_filtered} others left out)")
     if setup.data.eval_file:
         try:
             datasets["eval"] = make(setup.data.eval_file)
@@ -134,21 +154,38 @@ def check_ranks_agree(model) -> None:
 
 
 def build(setup: TrainSetup, resume: str | None, feature_cache):
-    """The model with LoRA, the tokenizer, the datasets and the bundle config; ValueError/FileNotFoundError."""
+    """The model to train (instruct: with LoRA; align: the projector alone trainable), the tokenizer, the datasets
+    and the bundle config; ValueError/FileNotFoundError."""
     args = setup.args
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model = build_vlm(setup.model.llm_path, setup.model.vision_path,
                       vision_feature_layer=setup.model.vision_feature_layer, dtype=dtype)
     tokenizer = QWenTokenizer.from_pretrained(setup.model.llm_path)
     datasets = build_datasets(setup, tokenizer, model.vision_tower.num_patches, feature_cache)
-    lora = setup.lora
-    peft_model = apply_lora(model, r=lora.lora_r, alpha=lora.lora_alpha, dropout=lora.lora_dropout,
-                            target_modules=lora.lora_target_modules, train_embeddings=lora.train_embeddings,
-                            verbose=args.should_log)
     bundle_config = bundle_config_for(model, setup.model.llm_path, setup.model.vision_path, setup.model.system_prompt)
+    start = setup.model.projector_path
+    if args.stage == "align":
+        if start and args.should_log:
+            print(f"train.py: model.projector_path ({start}) starts the instruct stage: the align stage trains a "
+                  "fresh projector")
+        trained = prepare_align(model, verbose=args.should_log)
+    else:
+        if start and resume:
+            if args.should_log:
+                print(f"train.py: model.projector_path ({start}) not loaded: resuming restores the checkpoint's "
+                      "projector")
+        elif start:
+            if is_within(start, args.output_dir):
+                raise ValueError(f"model.projector_path {start} is in output_dir {args.output_dir}: an output is "
+                                 "never one of the inputs (give each stage its own folder)")
+            load_start_projector(model, start, bundle_config, verbose=args.should_log)
+        lora = setup.lora
+        trained = apply_lora(model, r=lora.lora_r, alpha=lora.lora_alpha, dropout=lora.lora_dropout,
+                             target_modules=lora.lora_target_modules, train_embeddings=lora.train_embeddings,
+                             verbose=args.should_log)
     if resume:
-        check_compatible(resume, bundle_config, peft_model)
-    return peft_model, tokenizer, datasets, bundle_config
+        check_compatible(resume, bundle_config, trained)
+    return trained, tokenizer, datasets, bundle_config
 
 
 def prepare_output_dir(args, resume: str | None) -> None:
@@ -175,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         resume, notes = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         feature_cache = open_feature_cache(setup)  # FeatureCacheError is a ValueError
         set_seed(args.seed)
-        peft_model, tokenizer, datasets, bundle_config = build(setup, resume, feature_cache)
+        model, tokenizer, datasets, bundle_config = build(setup, resume, feature_cache)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
@@ -190,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{feature_cache.manifest['dtype']}): the vision tower is not run")
     prepare_output_dir(args, resume)
     trainer = VLMTrainer(
-        model=peft_model,
+        model=model,
         args=args,
         train_dataset=datasets["train"],
         eval_dataset=datasets.get("eval"),
@@ -217,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print("train.py: error: no sample could be loaded any more: every image failed (see the warnings above)",
               file=sys.stderr)
         return 2
-    check_ranks_agree(peft_model)
+    check_ranks_agree(model)
     skipped = trainer.skipped_samples()
     if skipped and args.should_log:
         print(f"samples skipped for unreadable images (all processes, all epochs): {skipped}")

@@ -88,7 +88,8 @@ class SupervisedDataset(Dataset):
     With `feature_loader` (image paths → [n_images, tokens, C]) images are not decoded and the key
     is "patch_features" instead; a loader that cannot serve an image raises ImageLoadError, and the
     sample is skipped like an unreadable image. Samples that cannot fit max_length are left out at construction
-    (`unusable` lists their ids); `lengths[i]` is the token count of item i, placeholders included.
+    (`unusable` lists their ids), and so are those for which `keep(sample)` is false (`num_filtered`; `keep` is
+    used at construction only); `lengths[i]` is the token count of item i, placeholders included.
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class SupervisedDataset(Dataset):
         max_length: int,
         seed: int = 0,
         feature_loader: FeatureLoader | None = None,
+        keep: Callable[[dict[str, Any]], bool] | None = None,
     ):
         if image_processor is None and feature_loader is None:
             raise ValueError("SupervisedDataset needs an image_processor (or a feature_loader)")
@@ -117,6 +119,7 @@ class SupervisedDataset(Dataset):
 
         self.unusable: list[str] = []  # ids of samples whose first turn pair does not fit max_length
         self.num_truncated = 0  # samples kept with trailing turn pairs dropped
+        self.num_filtered = 0  # samples left out by `keep` (the stage's source filter)
         self._skips = torch.zeros(SKIP_SLOTS, dtype=torch.int64).share_memory_()  # seen by the main process
         self._bad: set[int] = set()  # indices skipped in this process during epoch `_bad_epoch`
         self._bad_epoch = 0
@@ -126,6 +129,9 @@ class SupervisedDataset(Dataset):
         lengths: list[int] = []
         name = os.path.basename(self.path)
         for row, (lineno, line, sample) in enumerate(read_samples(self.path)):
+            if keep is not None and not keep(sample):
+                self.num_filtered += 1
+                continue
             try:
                 encoded = encode_conversation(
                     tokenizer, sample["turns"], system=system, num_image_tokens=num_image_tokens,
@@ -149,7 +155,8 @@ class SupervisedDataset(Dataset):
                 self.path, len(self), self.num_truncated, max_length, len(self.unusable),
             )
         if not len(self):
-            raise NoUsableSampleError(f"{self.path}: no usable sample ({len(self.unusable)} too long for max_length={max_length})")
+            raise NoUsableSampleError(f"{self.path}: no usable sample ({len(self.unusable)} too long for max_length="
+                                      f"{max_length}, {self.num_filtered} left out by the source filter)")
 
     def __len__(self) -> int:
         return len(self.lengths)

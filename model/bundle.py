@@ -218,16 +218,21 @@ def load_trainable(model, folder: str | os.PathLike) -> None:
 
 
 def check_compatible(folder: str | os.PathLike, current: BundleConfig, model) -> None:
-    """Refuse a bundle of another model: different base folders, feature layer, image tokens, or LoRA shape
-    (rank, alpha, targets, trained embeddings). One ValueError naming every difference."""
+    """Refuse a bundle of another model: different base folders, feature layer, image tokens, LoRA shape
+    (rank, alpha, targets, trained embeddings), or an adapter where the model has none (the align stage). One
+    ValueError naming every difference (FileNotFoundError: no adapter where the model has one)."""
     folder = Path(folder)
     saved = BundleConfig.load(folder)
     problems = [f"{name}: checkpoint {getattr(saved, name)!r} vs now {getattr(current, name)!r}"
                 for name in IDENTITY_FIELDS if getattr(saved, name) != getattr(current, name)]
+    if not hasattr(model, "peft_config") and (folder / ADAPTER_CONFIG_FILE).is_file():
+        problems.append("LoRA adapter: the checkpoint has one, the model now has none (an instruct checkpoint "
+                        "cannot resume the align stage)")
     if hasattr(model, "peft_config"):
         config_file = folder / ADAPTER_CONFIG_FILE
         if not config_file.is_file() or not (folder / ADAPTER_WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"{folder}: no LoRA adapter in it")
+            raise FileNotFoundError(f"{folder}: no LoRA adapter in it (an align-stage checkpoint cannot resume the "
+                                    "instruct stage: start it with model.projector_path instead)")
         saved_adapter = json.loads(config_file.read_text())
         now = model.peft_config["default"].to_dict()
         for name in ADAPTER_FIELDS:

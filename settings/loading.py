@@ -119,20 +119,21 @@ def resolve_path(value: str | None, base_dir: Path) -> str | None:
     return os.path.normpath(p if p.is_absolute() else (base_dir / p))
 
 
-SECTIONS = ("demo", "model", "data", "lora", "training")
+SECTIONS = ("demo", "model", "data", "lora", "training", "align")
 # Path-valued keys of each section, resolved against the config file's folder.
 PATH_KEYS = {
     "demo": ("workdir",),
-    "model": ("llm_path", "vision_path"),
+    "model": ("llm_path", "vision_path", "projector_path"),
     "data": ("output", "val_output", "feature_cache"),
     "training": ("output_dir", "logging_dir", "deepspeed"),
+    "align": ("output_dir", "logging_dir", "deepspeed"),
 }
 
 
 @dataclass
 class Config:
-    """A whole config file. Sections the file does not have are None (lora: its defaults); `training` stays a
-    mapping here, typed by `settings.training` (it needs transformers, which process_image.py does not)."""
+    """A whole config file. Sections the file does not have are None (lora: its defaults); `training` and `align`
+    stay mappings here, typed by `settings.training` (it needs transformers, which process_image.py does not)."""
 
     path: Path
     demo: DemoConfig | None = None
@@ -140,6 +141,7 @@ class Config:
     data: DataConfig | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
     training: dict[str, Any] = field(default_factory=dict)
+    align: dict[str, Any] | None = None  # the align stage's training values and sources (settings.training)
 
     def require(self, section: str):
         value = getattr(self, section)
@@ -164,6 +166,11 @@ def load_config(path: str | os.PathLike, sections: tuple[str, ...] = SECTIONS) -
     if not isinstance(training, dict):
         raise ConfigError(f"{path}: training: expected a mapping, got {training!r}")
     config.training = dict(training)
+    if "align" in raw and "align" in sections:
+        align = raw["align"] or {}
+        if not isinstance(align, dict):
+            raise ConfigError(f"{path}: align: expected a mapping, got {align!r}")
+        config.align = dict(align)
     for name, keys in PATH_KEYS.items():
         section = getattr(config, name)
         if not section:

@@ -5,6 +5,7 @@
     data:      DataConfig   raw sources -> processed JSON Lines (process_image.py), and the training length
     lora:      LoraConfig   the adapter on the LLM
     training:  any transformers.TrainingArguments field, plus ours (settings.training.TrainArguments)
+    align:     the align stage (projector only): the training values it changes, plus `sources`
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class ModelConfig:
     vision_path: str  # folder of openai/clip-vit-large-patch14: config.json, weights, preprocessor_config.json
     vision_feature_layer: int = -2  # hidden_states index of the CLIP layer whose patch features are used
     system_prompt: str = DEFAULT_SYSTEM
+    # folder whose projector.safetensors starts the instruct stage (an align run's output, or any bundle or
+    # checkpoint of the same shapes); default: the align section's output_dir when the config has one
+    projector_path: str | None = None
 
 
 @dataclass
