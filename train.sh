@@ -10,6 +10,12 @@
 # `torchrun --nproc_per_node NPROC train.py`. The hyper-parameters come from the config (the seed recipe's
 # are in configs/qwen7b_coco.yaml); LORA_R, LORA_ALPHA, LORA_DROPOUT, LR, PROJECTOR_LR, EPOCHS, BATCH_SIZE,
 # GRAD_ACCUM and SAVE_STEPS in the environment override them, and so does any train.py flag after train.sh.
+#
+# Two stages: a config with an `align:` section trains the projector alone first (`train.py --stage align`,
+# into align.output_dir), then LoRA + projector from it (into training.output_dir). STAGE=align or
+# STAGE=instruct runs only that stage; the environment overrides and the flags after train.sh go to every stage
+# that runs, so a flag meant for one stage (--resume_from_checkpoint, --output_dir, ...) needs STAGE:
+#   STAGE=instruct bash train.sh --resume_from_checkpoint latest
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -19,6 +25,27 @@ if [ ! -f "$CONFIG" ]; then
   echo "train.sh: config not found: $CONFIG" >&2
   exit 2
 fi
+
+# The stages to run, in order: both when the config has an align section, unless STAGE names one.
+case "${STAGE:-}" in
+  "") if grep -q '^align:' "$CONFIG"; then STAGES=(align instruct); else STAGES=(instruct); fi ;;
+  align | instruct) STAGES=("$STAGE") ;;
+  *) echo "train.sh: STAGE must be align or instruct (or unset: every stage of the config), got '$STAGE'" >&2
+     exit 2 ;;
+esac
+for arg in "$@"; do
+  case "$arg" in
+    --stage | --stage=*)
+      echo "train.sh: choose the stage with STAGE=align or STAGE=instruct, not $arg" >&2
+      exit 2 ;;
+    --resume_from_checkpoint | --resume_from_checkpoint=* | --resume-from-checkpoint | --resume-from-checkpoint=*)
+      if [ "${#STAGES[@]}" -gt 1 ]; then
+        echo "train.sh: $CONFIG has two stages and a checkpoint resumes one: STAGE=align or STAGE=instruct" \
+             "bash train.sh $*" >&2
+        exit 2
+      fi ;;
+  esac
+done
 
 if [ -z "${NPROC:-}" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -54,8 +81,13 @@ if [ "$NPROC" -gt 1 ]; then
 else
   LAUNCH=("$PYTHON")
 fi
-"${LAUNCH[@]}" train.py --config "$CONFIG" ${DEMO_FLAGS[@]+"${DEMO_FLAGS[@]}"} ${OVERRIDES[@]+"${OVERRIDES[@]}"} "$@"
+for stage in "${STAGES[@]}"; do
+  STAGE_FLAGS=()
+  if [ "$stage" = align ]; then STAGE_FLAGS=(--stage align); fi
+  "${LAUNCH[@]}" train.py --config "$CONFIG" ${STAGE_FLAGS[@]+"${STAGE_FLAGS[@]}"} \
+    ${DEMO_FLAGS[@]+"${DEMO_FLAGS[@]}"} ${OVERRIDES[@]+"${OVERRIDES[@]}"} "$@"
+done
 
-if grep -q '^demo:' "$CONFIG"; then
+if grep -q '^demo:' "$CONFIG" && [ "${STAGES[-1]}" = instruct ]; then
   "$PYTHON" -m demo.evaluate --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} "$@"
 fi
