@@ -79,3 +79,20 @@ def test_a_wrong_stage_in_training_names_the_key(tmp_path):
     path = write_config(tmp_path, stage="pretrain")
     with pytest.raises(ConfigError, match=r"training\.stage: expected one of: 'align', 'instruct', got 'pretrain'"):
         parse_train_args(["--config", str(path)])
+
+
+def test_the_real_recipe_has_llava_15_global_batches_and_rates_per_stage():
+    """configs/qwen7b_coco.yaml: stage 1 as LLaVA-1.5's pretrain.sh, stage 2 as its finetune_lora.sh (8 GPUs)."""
+    from pathlib import Path
+
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "qwen7b_coco.yaml")
+    align = parse_train_args(["--config", config, "--stage", "align"])
+    instruct = parse_train_args(["--config", config])
+    assert align.args.per_device_train_batch_size * align.args.gradient_accumulation_steps * 8 == 256
+    assert instruct.args.per_device_train_batch_size * instruct.args.gradient_accumulation_steps * 8 == 128
+    assert (align.args.projector_learning_rate, align.args.weight_decay, align.args.num_train_epochs) == (1e-3, 0, 1)
+    assert (instruct.args.learning_rate, instruct.args.projector_learning_rate) == (2e-4, 2e-5)
+    assert align.args.warmup_steps == instruct.args.warmup_steps == 0.03
+    assert align.args.lr_scheduler_type == instruct.args.lr_scheduler_type == "cosine"
+    assert align.data.sources == ["aic"] and instruct.data.sources is None
+    assert instruct.model.projector_path == align.args.output_dir != instruct.args.output_dir
