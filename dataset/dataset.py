@@ -119,7 +119,7 @@ class SupervisedDataset(Dataset):
 
         self.unusable: list[str] = []  # ids of samples whose first turn pair does not fit max_length
         self.num_truncated = 0  # samples kept with trailing turn pairs dropped
-        self.num_filtered = 0  # samples left out by `keep` (the stage's source filter)
+        self.num_filtered = 0  # samples left out by `keep` (the stage's filter: sources, and images in the align stage)
         self._skips = torch.zeros(SKIP_SLOTS, dtype=torch.int64).share_memory_()  # seen by the main process
         self._bad: set[int] = set()  # indices skipped in this process during epoch `_bad_epoch`
         self._bad_epoch = 0
@@ -156,7 +156,7 @@ class SupervisedDataset(Dataset):
             )
         if not len(self):
             raise NoUsableSampleError(f"{self.path}: no usable sample ({len(self.unusable)} too long for max_length="
-                                      f"{max_length}, {self.num_filtered} left out by the source filter)")
+                                      f"{max_length}, {self.num_filtered} left out by the sample filter: sources, images)")
 
     def __len__(self) -> int:
         return len(self.lengths)
