@@ -9,6 +9,11 @@ the answer then scored against that picture's answer), and writes `<output_dir>/
 after normalisation, so the model sees an image with no content and can only fall back on its priors.
 The chance level is what uniform guessing among each question's labels scores (1/6 colour, 1/3 shape,
 1/4 corner). An answer counts when it names exactly the expected label (`demo.synthetic.normalise_answer`).
+
+Those figures use the questions' training wordings. `unseen_phrasings` asks, with the image, about the first half
+of the held-out images, one other wording of each question that no training text contains
+(`demo.synthetic.UNSEEN_QUESTIONS`): how far the model understands the question and not only its exact words.
+It is reported, not a target; `same_images_seen` is the training wordings' accuracy on the same images.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ def heldout_samples(heldout_file: Path) -> list:
     for row in json.loads(heldout_file.read_text(encoding="utf-8")):
         image = str(heldout_file.parent / row["image"])
         for q in row["questions"]:
+            phrasing = q.get("phrasing", "seen")
             samples.append(EvalSample(
-                id=f"{row['image']}:{q['lang']}:{q['attribute']}", language=q["lang"], kind="qa",
+                id=f"{row['image']}:{q['lang']}:{q['attribute']}:{phrasing}", language=q["lang"], kind="qa",
                 prompt=f"{IMAGE_TAG}\n{q['question']}", images=[image], references=[q["answer"]], answer=q["answer"],
-                group=q["question"], info={"attribute": q["attribute"]},
+                group=q["question"], info={"attribute": q["attribute"], "phrasing": phrasing, "image": row["image"]},
             ))
     return samples
 
@@ -54,11 +60,18 @@ def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64, seed: i
     from evaluation.runner import evaluate_samples
     from inference import IMAGE_MARK, load_checkpoint
 
-    samples = heldout_samples(heldout_file)
-    metrics, rows = evaluate_samples(
-        load_checkpoint(checkpoint, device="cpu"), samples, seed=seed, normalise=normalise_answer,
-        batch_size=batch_size, max_new_tokens=12, repetition_penalty=1.0, progress=False,
-    )
+    everything = heldout_samples(heldout_file)
+    samples = [s for s in everything if s.info["phrasing"] == "seen"]
+    loaded = load_checkpoint(checkpoint, device="cpu")
+    options = dict(seed=seed, normalise=normalise_answer, batch_size=batch_size, max_new_tokens=12,
+                   repetition_penalty=1.0, progress=False)
+    metrics, rows = evaluate_samples(loaded, samples, **options)
+    # Other wordings of the questions, never in any training text, asked with the image about the first half of
+    # the held-out images (which the seen wordings are asked about too: `same_images_seen` compares like with like).
+    images = sorted({s.info["image"] for s in samples})
+    half = set(images[: max(len(images) // 2, 1)])
+    unseen = [s for s in everything if s.info["phrasing"] == "unseen" and s.info["image"] in half]
+    unseen_rows = evaluate_samples(loaded, unseen, passes=("with_image",), **options)[1] if unseen else []
 
     def accuracies(keep) -> dict:
         chosen = [r for s, r in zip(samples, rows) if keep(s)]
@@ -66,6 +79,22 @@ def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64, seed: i
                 for name, key in PASS_KEYS.items()}
 
     overall = accuracies(lambda s: True)
+
+    def unseen_accuracy(keep) -> float | None:
+        chosen = [r["correct"] for s, r in zip(unseen, unseen_rows) if keep(s)]
+        return round(sum(chosen) / len(chosen), 4) if chosen else None
+
+    same_images = [r["correct"] for s, r in zip(samples, rows) if s.info["image"] in half]
+    unseen_phrasings = {
+        "accuracy_with_image": unseen_accuracy(lambda s: True),
+        "same_images_seen": round(sum(same_images) / len(same_images), 4) if same_images else None,
+        "n": len(unseen),
+        "images": f"{len(half)} of {len(images)} held-out images",
+        "by_attribute": {k: unseen_accuracy(lambda s, k=k: s.info["attribute"] == k)
+                         for k in ("colour", "shape", "position")},
+        "by_language": {k: unseen_accuracy(lambda s, k=k: s.language == k) for k in ("en", "zh")},
+        "by_question": {q: unseen_accuracy(lambda s, q=q: s.group == q) for q in sorted({s.group for s in unseen})},
+    }
     return {
         "accuracy_with_image": overall["with_image"],
         "accuracy_blind": overall["blind"],
@@ -77,6 +106,7 @@ def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64, seed: i
             for k in ("colour", "shape", "position")
         },
         "by_language": {k: accuracies(lambda s, k=k: s.language == k) for k in ("en", "zh")},
+        "unseen_phrasings": unseen_phrasings,
         "blank": BLANK,
         "shuffled": f"{metrics['shuffled']['swapped']} of {len(samples)} questions asked about another held-out "
                     "image (same question), scored against that image's answer",

@@ -35,13 +35,14 @@ from common.fileio import write_json
 from common.paths import created_by, is_within, mark_created
 from demo.pretrain import pretrain_clip, pretrain_text, vocab_corpus
 from demo.synthetic import write_demo_raw_data
-from qwen import QWenConfig, QWenLMHeadModel, QWenTokenizer
+from qwen import QWenTokenizer
 from qwen.tiny import random_qwen_state_dict, tiny_qwen_config, write_tiny_qwen_checkpoint
 from qwen.tiny_vocab import write_tiny_vocab
 from settings import ConfigError, DemoConfig, load_config
 from visual import write_tiny_clip_checkpoint
 
 STAMP = "prepared.json"
+REPORT = "prepare_report.json"  # seconds per part, final losses, the text pretraining's answers (bench/demo_seeds.py)
 CREATED_BY = "demo.prepare"
 CHECKOUT = Path(__file__).resolve().parents[1]
 
@@ -90,30 +91,41 @@ def prepare(demo: DemoConfig, *, force: bool = False, inputs: tuple[Path, ...] =
     mark_created(work, CREATED_BY)
     torch.manual_seed(demo.seed)
     started = time.time()
+    report = {"seconds": {}}
 
     clip = dict(demo.clip)
     write_tiny_clip_checkpoint(work / "tiny-clip", image_size=demo.image_size, seed=demo.seed, **clip)
     if demo.clip_pretrain_steps:
         print(f"demo: contrastive pretraining of the tiny CLIP ({demo.clip_pretrain_steps} steps)")
-        pretrain_clip(work / "tiny-clip", demo)
+        losses = pretrain_clip(work / "tiny-clip", demo)
+        report["clip_final_loss"] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
     print(f"demo: tiny CLIP written to {work / 'tiny-clip'}")
+    report["seconds"]["clip"] = round(time.time() - started, 1)
+    mark = time.time()
 
     paths = write_demo_raw_data(
         work / "raw", n_train=demo.n_train_images, n_aic=demo.n_caption_images, n_heldout=demo.n_heldout_images,
         image_size=demo.image_size, seed=demo.seed,
     )
     print(f"demo: synthetic images and annotations written to {paths['root']}")
+    report["seconds"]["images"] = round(time.time() - mark, 1)
+    mark = time.time()
 
     vocab = write_tiny_vocab(work / "qwen.tiktoken", vocab_size=demo.vocab_size, corpus=vocab_corpus())
     tokenizer = QWenTokenizer(vocab)
     config_fields = tiny_qwen_config(**demo.qwen)
-    model = QWenLMHeadModel(QWenConfig(**config_fields))
-    model.load_state_dict(random_qwen_state_dict(config_fields, seed=demo.seed))
     print(f"demo: text pretraining of the tiny QWen ({demo.pretrain_steps} steps)")
-    pretrain_text(model, tokenizer, demo)
-    write_tiny_qwen_checkpoint(work / "tiny-qwen", state_dict=model.state_dict(), vocab_file=vocab, **demo.qwen)
+    state_dict, losses, accuracy = pretrain_text(
+        random_qwen_state_dict(config_fields, seed=demo.seed), config_fields, tokenizer, demo
+    )
+    write_tiny_qwen_checkpoint(work / "tiny-qwen", state_dict=state_dict, vocab_file=vocab, **demo.qwen)
     (work / "qwen.tiktoken").unlink()
     print(f"demo: tiny QWen written to {work / 'tiny-qwen'}")
+    report["seconds"]["qwen"] = round(time.time() - mark, 1)
+    report["text_final_loss"] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
+    report["text_accuracy"] = accuracy
+
+    write_json(work / REPORT, report)
 
     write_json(work / STAMP, settings)
     print(f"demo: prepared in {time.time() - started:.0f} s")

@@ -19,8 +19,9 @@ from transformers import CLIPModel
 
 from common.safetensors_file import save_safetensors
 from dataprocess.aic import PROMPTS as CAPTION_PROMPTS
+from demo.compact_vocab import CompactVocab
 from demo.synthetic import AIC_TEMPLATES, ATTRIBUTES, COLOURS, POSITIONS, QUESTIONS, SHAPES, Item, draw_image
-from qwen import DEFAULT_SYSTEM, make_context
+from qwen import DEFAULT_SYSTEM, QWenConfig, QWenLMHeadModel, make_context
 from qwen.tiny_vocab import DEFAULT_CORPUS
 from settings import DemoConfig
 from visual import CLIPImagePreprocessor
@@ -113,10 +114,41 @@ def vocab_corpus() -> str:
     return DEFAULT_CORPUS + DEMO_CORPUS + "\n".join(lines) + "\n"
 
 
-def pretrain_text(model, tokenizer, demo: DemoConfig, log_every: int = 50) -> list[float]:
-    """Full-parameter next-token training on the text corpus (answers supervised). Returns the losses."""
+def pad_batch(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and labels (-100 on padding): the causal mask alone keeps pads out of real rows."""
+    T = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), T), pad_id)
+    labels = torch.full((len(batch), T), -100)
+    for i, (ids, lab) in enumerate(batch):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+    return input_ids, labels
+
+
+def text_batch(tokenizer, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_size` text conversations (full-vocabulary ids), padded."""
+    batch = [encode_text_example(tokenizer, *text_conversation(rng), DEFAULT_SYSTEM) for _ in range(batch_size)]
+    return pad_batch(batch, tokenizer.pad_token_id)
+
+
+def text_vocab(tokenizer, full_size: int) -> CompactVocab:
+    """The ids the demo's text uses: every BPE rank of the tiny vocabulary and the three ChatML specials."""
+    used = list(range(len(tokenizer.mergeable_ranks))) + [tokenizer.eod_id, tokenizer.im_start_id, tokenizer.im_end_id]
+    return CompactVocab(used, full_size)
+
+
+def pretrain_text(state_dict: dict, config_fields: dict, tokenizer, demo: DemoConfig, log_every: int = 100):
+    """Full-parameter next-token training on the text corpus (answers supervised), over the compact vocabulary
+    (demo/compact_vocab.py: the loss of the full-size model at a fraction of the cost).
+
+    Takes and returns full-size state dicts (the official layout): (trained state dict, losses, the share of
+    described-shape questions answered right per question kind after training, `text_accuracy`).
+    """
+    vocab = text_vocab(tokenizer, config_fields["vocab_size"])
+    model = QWenLMHeadModel(QWenConfig(**{**config_fields, "vocab_size": vocab.size}))
+    model.load_state_dict(vocab.shrink(state_dict))
+    vocab.install_head(model)
     rng = np.random.default_rng([demo.seed, 7])
-    device = next(model.parameters()).device  # CPU in the demo; any device works
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=demo.pretrain_learning_rate, weight_decay=0.0, fused=True)  # 10x faster on CPU
     warmup = max(demo.pretrain_steps // 20, 1)
@@ -130,17 +162,10 @@ def pretrain_text(model, tokenizer, demo: DemoConfig, log_every: int = 50) -> li
     model.train()
     losses, started = [], time.time()
     for step in range(demo.pretrain_steps):
-        batch = [encode_text_example(tokenizer, *text_conversation(rng), DEFAULT_SYSTEM)
-                 for _ in range(demo.pretrain_batch_size)]
-        T = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), T), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), T), -100)
-        for i, (ids, lab) in enumerate(batch):  # right padding: the causal mask alone keeps pads out of real rows
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
+        input_ids, labels = text_batch(tokenizer, rng, demo.pretrain_batch_size)
         for group in optimizer.param_groups:
             group["lr"] = demo.pretrain_learning_rate * lr_at(step)
-        loss = model(input_ids=input_ids.to(device), labels=labels.to(device), return_logits=False).loss
+        loss = model(input_ids=vocab.compact_ids(input_ids), labels=vocab.compact_ids(labels), return_logits=False).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -150,7 +175,42 @@ def pretrain_text(model, tokenizer, demo: DemoConfig, log_every: int = 50) -> li
             print(f"  text pretraining step {step + 1}/{demo.pretrain_steps}  loss {loss.item():.3f}  "
                   f"({time.time() - started:.0f} s)", flush=True)
     model.eval()
-    return losses
+    accuracy = text_accuracy(model, tokenizer, demo.seed, vocab=vocab)
+    print("  text pretraining: described-shape answers right: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
+    return vocab.expand(model.state_dict(), state_dict), losses, accuracy
+
+
+@torch.no_grad()
+def text_accuracy(model, tokenizer, seed: int, n_per_kind: int = 50, vocab: CompactVocab | None = None) -> dict:
+    """Share of described-shape questions the QWen answers exactly, greedily, per question kind.
+
+    `model` is a full-size QWenLMHeadModel, or the compact one of `vocab`. Teacher-forced: an answer counts when
+    the argmax at every supervised position (its tokens and <|im_end|>) is the expected token, which is exactly
+    when greedy decoding produces it and stops.
+    """
+    was_training = model.training
+    model.eval()
+    rng = np.random.default_rng([seed, 8])
+    out = {}
+    for lang, attribute in QUESTIONS:
+        batch = []
+        for _ in range(n_per_kind):
+            item = Item(rng.choice(list(COLOURS)), rng.choice(list(SHAPES)), rng.choice(list(POSITIONS)))
+            query = f"{describe(item, lang)}\n{QUESTIONS[lang, attribute]}"
+            batch.append(encode_text_example(tokenizer, query, item.answer(attribute, lang), DEFAULT_SYSTEM))
+        input_ids, labels = pad_batch(batch, tokenizer.pad_token_id)
+        if vocab is not None:
+            input_ids, labels = vocab.compact_ids(input_ids), vocab.compact_ids(labels)
+        hidden = model.transformer(input_ids=input_ids).last_hidden_state[:, :-1]  # [B, T-1, hidden]
+        target = labels[:, 1:]
+        keep = target != -100
+        picked = hidden[keep]  # logits only where an answer token is predicted
+        logits = vocab.greedy_logits(model, picked) if vocab is not None else model.lm_head(picked)
+        right = torch.ones_like(target, dtype=torch.bool)
+        right[keep] = logits.argmax(-1) == target[keep]
+        out[f"{lang} {attribute}"] = round(float(right.all(dim=1).float().mean()), 3)
+    model.train(was_training)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ side is 30-40% of the image side: at that size a random frozen vision tower can 
       aic_demo.json       AI Challenger rows, five Chinese captions per image, on a separate set of images
       aic_images/
       heldout.json        [{"image": "heldout_images/000000.png", "questions": [{"lang", "attribute",
-      heldout_images/        "question", "answer"}, ...]}] on images used by neither training set
+      heldout_images/        "question", "answer", "phrasing"}, ...]}] on images used by neither training set
 
-Questions use the same wording in training and held-out data (`QUESTIONS`). Score answers with
+The held-out questions are the 6 training wordings (`QUESTIONS`, "phrasing": "seen") and one other wording
+of each kind that no training text contains (`UNSEEN_QUESTIONS`, "phrasing": "unseen"). Score answers with
 `normalise_answer(generated, lang) == normalise_answer(expected, lang)`.
 """
 
@@ -78,6 +79,18 @@ QUESTIONS = {
     ("zh", "colour"): "图形是什么颜色？",
     ("zh", "shape"): "这是什么形状？",
     ("zh", "position"): "图形在图片的哪个角？",
+}
+# Other wordings of the same questions, asked only in the held-out evaluation (one per kind per image, seeded):
+# never in the training conversations nor in the tiny QWen's text pretraining, so accuracy on them says how far
+# the model understands the question rather than recognising its exact words.
+UNSEEN_QUESTIONS = {
+    ("en", "colour"): ("What color is the shape?", "Which colour does the shape have?", "Tell me the colour of the shape."),
+    ("en", "shape"): ("What kind of shape is this?", "Which shape do you see?", "Name the shape in the picture."),
+    ("en", "position"): ("In which corner is the shape?", "Where is the shape: which corner?",
+                         "Which corner of the picture holds the shape?"),
+    ("zh", "colour"): ("这个图形是什么颜色的？", "图形的颜色是什么？", "图中的形状是哪种颜色？"),
+    ("zh", "shape"): ("图片里是什么形状？", "这个图形是什么形状？", "图中画的是什么图形？"),
+    ("zh", "position"): ("图形在哪个角？", "这个形状在图片的什么位置？", "图形位于图片的哪个角落？"),
 }
 AIC_TEMPLATES = (  # {p}: position, {c}: colour, {s}: shape, all in Chinese
     "{p}角有一个{c}的{s}。",
@@ -257,10 +270,17 @@ def aic_row(image: str, item: Item, rng: np.random.Generator) -> dict[str, Any]:
     return {"url": "", "image_id": image, "caption": captions}
 
 
-def heldout_row(image: str, item: Item) -> dict[str, Any]:
+def heldout_row(image: str, item: Item, rng: np.random.Generator) -> dict[str, Any]:
+    """The 6 training questions ("phrasing": "seen"), then one other wording of each ("phrasing": "unseen")."""
     questions = [
-        {"lang": lang, "attribute": attribute, "question": question, "answer": item.answer(attribute, lang)}
+        {"lang": lang, "attribute": attribute, "question": question, "answer": item.answer(attribute, lang),
+         "phrasing": "seen"}
         for (lang, attribute), question in QUESTIONS.items()
+    ]
+    questions += [
+        {"lang": lang, "attribute": attribute, "question": wordings[rng.integers(len(wordings))],
+         "answer": item.answer(attribute, lang), "phrasing": "unseen"}
+        for (lang, attribute), wordings in UNSEEN_QUESTIONS.items()
     ]
     return {"image": image, "questions": questions}
 
@@ -302,9 +322,10 @@ def write_demo_raw_data(
 
         heldout_items = plan_items(n_heldout, seed, "heldout")
         names = _write_images(tmp / "heldout_images", heldout_items, image_size, seed, "heldout")
+        rng = np.random.default_rng([seed, 12])
         _dump(
             tmp / "heldout.json",
-            [heldout_row(f"heldout_images/{n}", it) for n, it in zip(names, heldout_items)],
+            [heldout_row(f"heldout_images/{n}", it, rng) for n, it in zip(names, heldout_items)],
         )
     return {
         "root": str(out),

@@ -3,7 +3,9 @@ per sample.
 
 - "with_image": the question with its own images;
 - "blank": the same prompt with every image replaced by a blank one, the tower's mean colour (CLIP's mean
-  pixel: all zeros after normalisation), so the model sees an image with no content;
+  pixel: all zeros after normalisation), so the model sees an image with no content. Its answer depends on
+  the prompt alone: each distinct prompt (text and number of images) is generated once and its answer given
+  to every sample that asks it;
 - "shuffled": the question with the images of its partner (`evaluation.samples.shuffled_partners`).
 
 The vision tower runs once per distinct image: during the passes it is wrapped in a small memo keyed by the
@@ -108,18 +110,31 @@ def generate_passes(
     model = loaded.model
     bar = tqdm(total=len(samples) * len(passes), unit="answer", desc="evaluating", disable=not progress)
     context = memoised_tower(model) if memo else contextlib.nullcontext()
+    blank_said: dict[tuple[str, int], str] = {}  # (prompt, number of images) -> the blank pass's answer
     with context, bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             own = [Prompt(samples[i].prompt, [load_image(p) for p in samples[i].images]) for i in chunk]
             for name in passes:
+                if name == "blank":
+                    keys = [(samples[i].prompt, len(samples[i].images)) for i in chunk]
+                    todo: dict[tuple[str, int], int] = {}  # a new prompt -> its first sample in the chunk
+                    for j, key in enumerate(keys):
+                        if key not in blank_said:
+                            todo.setdefault(key, j)
+                    if todo:
+                        out = loaded.generate([own[j] for j in todo.values()], pixel_override=_blank, **gen)
+                        blank_said.update(zip(todo, out))
+                    for i, key in zip(chunk, keys):
+                        answers[name][i] = blank_said[key]
+                    bar.update(len(chunk))
+                    continue
                 if name == "shuffled":
                     prompts = [Prompt(samples[i].prompt, [load_image(p) for p in samples[partners[i]].images])
                                for i in chunk]
                 else:
                     prompts = own
-                override = _blank if name == "blank" else None
-                out = loaded.generate(prompts, pixel_override=override, **gen)
+                out = loaded.generate(prompts, **gen)
                 for i, answer in zip(chunk, out):
                     answers[name][i] = answer
                 bar.update(len(chunk))

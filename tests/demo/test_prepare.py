@@ -1,4 +1,5 @@
-"""The demo's preparation: the tiny CLIP's contrastive pretraining and the tiny vocabulary's answer words."""
+"""The demo's preparation: the tiny CLIP's contrastive pretraining, the tiny vocabulary's answer words and the tiny
+QWen's text pretraining over a compact vocabulary."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -66,3 +68,66 @@ def test_clip_pretraining_learns_and_keeps_the_official_layout(tmp_path: Path):
     with torch.no_grad():
         expected = reference(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         torch.testing.assert_close(tower(pixels), expected)
+
+
+def test_compact_text_pretraining_is_the_full_size_model(tmp_path: Path):
+    """The text pretraining runs on the ~1,030 ids the demo's text uses; the checkpoint it gives (official
+    151,936 rows) has exactly the loss and the greedy answers of the compact model it was trained as."""
+    from demo.pretrain import pretrain_text, text_accuracy, text_batch, text_vocab
+    from qwen import QWenConfig, QWenLMHeadModel
+    from qwen.tiny import QWEN_VOCAB_SIZE, random_qwen_state_dict, tiny_qwen_config
+
+    tokenizer = QWenTokenizer(write_tiny_vocab(tmp_path / "qwen.tiktoken", vocab_size=400, corpus=vocab_corpus()))
+    fields = tiny_qwen_config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    initial = random_qwen_state_dict(fields, seed=3)
+    demo = DemoConfig(seed=3, pretrain_steps=12, pretrain_batch_size=8, pretrain_learning_rate=1e-2)
+    trained, losses, _ = pretrain_text(initial, fields, tokenizer, demo, log_every=1000)
+
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert trained.keys() == initial.keys()
+    assert all(trained[k].shape == initial[k].shape for k in initial)
+    assert trained["lm_head.weight"].shape[0] == QWEN_VOCAB_SIZE
+    vocab = text_vocab(tokenizer, QWEN_VOCAB_SIZE)
+    used = torch.zeros(QWEN_VOCAB_SIZE, dtype=torch.bool)
+    used[vocab.used] = True
+    assert used.sum() == 400 + 3  # the BPE ranks and <|endoftext|>, <|im_start|>, <|im_end|>
+    wte, head = trained["transformer.wte.weight"], trained["lm_head.weight"]
+    assert torch.equal(wte[~used], initial["transformer.wte.weight"][~used])  # never read: untouched
+    assert not torch.equal(wte[used], initial["transformer.wte.weight"][used])
+    rest = head[~used]
+    assert torch.equal(rest, rest[:1].expand_as(rest)) and rest.abs().sum() > 0  # one trained row for all unused ids
+
+    full = QWenLMHeadModel(QWenConfig(**fields)).eval()
+    full.load_state_dict(trained)
+    compact = QWenLMHeadModel(QWenConfig(**{**fields, "vocab_size": vocab.size})).eval()
+    compact.load_state_dict(vocab.shrink(trained), strict=False)  # shrink puts a zero rest row: set the trained one
+    vocab.install_head(compact)
+    with torch.no_grad():
+        compact.lm_head.weight[vocab.rest] = rest[0]
+    input_ids, labels = text_batch(tokenizer, np.random.default_rng(0), 6)
+    with torch.no_grad():
+        full_loss = full(input_ids=input_ids, labels=labels, return_logits=False).loss
+        compact_loss = compact(input_ids=vocab.compact_ids(input_ids), labels=vocab.compact_ids(labels),
+                               return_logits=False).loss
+    torch.testing.assert_close(compact_loss, full_loss, rtol=1e-5, atol=1e-5)
+    assert text_accuracy(compact, tokenizer, seed=0, n_per_kind=4, vocab=vocab) == \
+        text_accuracy(full, tokenizer, seed=0, n_per_kind=4)
+
+
+def test_compact_vocab_maps_ids_and_refuses_unused_ones():
+    from demo.compact_vocab import CompactVocab
+
+    vocab = CompactVocab([7, 2, 9, 2], full_size=12)
+    assert vocab.size == 4 and vocab.n_rest == 9
+    assert vocab.compact_ids(torch.tensor([[2, 7, 9, -100]])).tolist() == [[0, 1, 2, -100]]
+    with pytest.raises(ValueError, match=r"outside the compact vocabulary: \[3\]"):
+        vocab.compact_ids(torch.tensor([2, 3]))
+    full = {"transformer.wte.weight": torch.arange(24.0).view(12, 2), "lm_head.weight": -torch.arange(24.0).view(12, 2)}
+    small = vocab.shrink(full)
+    assert small["lm_head.weight"].tolist() == [[-4.0, -5.0], [-14.0, -15.0], [-18.0, -19.0], [0.0, 0.0]]
+    small["lm_head.weight"][3] = torch.tensor([1.0, 2.0])
+    back = vocab.expand(small, full)
+    assert torch.equal(back["transformer.wte.weight"], full["transformer.wte.weight"])
+    expected_head = torch.tensor([[1.0, 2.0]]).repeat(12, 1)
+    expected_head[[2, 7, 9]] = full["lm_head.weight"][[2, 7, 9]]
+    assert torch.equal(back["lm_head.weight"], expected_head)

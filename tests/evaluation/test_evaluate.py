@@ -120,6 +120,37 @@ def test_shuffled_control_scores_each_answer_against_the_other_images_references
     assert metrics["image_gain"]["accuracy"] == metrics["accuracy"] - metrics["blank"]["accuracy"]
 
 
+def test_blank_pass_asks_each_distinct_prompt_once_with_the_answer_of_asking_it_alone(loaded, images):
+    """With the images blanked the answer depends on the prompt alone: three samples, two of them one question
+    about different images, cost two blank generations, and each gets what its own prompt, blanked, answers."""
+    import torch
+
+    from evaluation.generation import generate_passes
+    from inference import Prompt
+    from visual import load_image
+
+    questions = ["What colour is the shape?", "What colour is the shape?", "Which corner is the shape in?"]
+    samples = [EvalSample(id=f"s{i}", language="en", kind="qa", prompt=f"{TAG}\n{q}", images=[images[i]],
+                          references=["-"], answer="-", group=q) for i, q in enumerate(questions)]
+    asked = []
+    generate = loaded.generate
+
+    def counting(prompts, **options):
+        if options.get("pixel_override") is not None:
+            asked.extend(p.query for p in prompts)
+        return generate(prompts, **options)
+
+    loaded.generate = counting
+    try:
+        blank = generate_passes(loaded, samples, passes=("blank",), max_new_tokens=8, progress=False)["blank"]
+    finally:
+        del loaded.generate
+    assert sorted(asked) == sorted({s.prompt for s in samples})
+    alone = [generate([Prompt(s.prompt, [load_image(s.images[0])])], pixel_override=torch.zeros_like,
+                      max_new_tokens=8)[0] for s in samples]
+    assert blank == alone and blank[0] == blank[1]
+
+
 def test_generate_mode_end_to_end_equals_infer_and_batch_size_does_not_matter(bundle, loaded, data_file, tmp_path):
     out = tmp_path / "eval"
     result = run("evaluate.py", "--checkpoint", str(bundle), "--data", str(data_file), "--batch-size", "2",
@@ -272,7 +303,7 @@ def test_demo_eval_from_the_evaluator(bundle, tmp_path, monkeypatch):
     the image shown) all right, blind as the guesses score on these items by hand, chance levels."""
     import inference.loading
     from demo.evaluate import evaluate
-    from demo.synthetic import ATTRIBUTES, QUESTIONS, plan_items, write_demo_raw_data
+    from demo.synthetic import ATTRIBUTES, QUESTIONS, UNSEEN_QUESTIONS, plan_items, write_demo_raw_data
     from visual import load_image
 
     paths = write_demo_raw_data(tmp_path / "raw", n_train=1, n_aic=1, n_heldout=2, image_size=56, seed=1)
@@ -282,12 +313,15 @@ def test_demo_eval_from_the_evaluator(bundle, tmp_path, monkeypatch):
     item_of = {load_image(Path(paths["root"]) / row["image"]).tobytes(): item for row, item in zip(heldout, items)}
     guess = {"colour": "yellow", "shape": "square", "position": "bottom left"}
     attribute_of = {question: key for key, question in QUESTIONS.items()}
+    unseen_of = {question: key for key, wordings in UNSEEN_QUESTIONS.items() for question in wordings}
 
     def reads_the_image(model_, tokenizer, processor, prompts, *, pixel_override=None, **kwargs):
         out = []
         for p in prompts:
-            lang, attribute = attribute_of[p.query.split("\n", 1)[1]]
-            label = guess[attribute] if pixel_override is not None else getattr(item_of[p.images[0].tobytes()], attribute)
+            question = p.query.split("\n", 1)[1]
+            lang, attribute = attribute_of.get(question) or unseen_of[question]
+            guessing = pixel_override is not None or question in unseen_of  # other wordings: not understood
+            label = guess[attribute] if guessing else getattr(item_of[p.images[0].tobytes()], attribute)
             out.append(getattr(ATTRIBUTES[attribute][label], lang))
         return out
 
@@ -303,3 +337,9 @@ def test_demo_eval_from_the_evaluator(bundle, tmp_path, monkeypatch):
     assert result["chance_level"] == pytest.approx(0.25)  # (1/6 + 1/3 + 1/4) / 3
     assert [result["by_attribute"][a]["chance"] for a in ("colour", "shape", "position")] == [0.1667, 0.3333, 0.25]
     assert "12 of 12 questions" in result["shuffled"]
+    # other wordings, asked about the first image only, answered with the guesses: its colour and corner right
+    unseen = result["unseen_phrasings"]
+    assert unseen["n"] == 6 and unseen["images"] == "1 of 2 held-out images"
+    assert unseen["accuracy_with_image"] == pytest.approx(4 / 6, abs=1e-4) and unseen["same_images_seen"] == 1.0
+    assert unseen["by_attribute"] == {"colour": 1.0, "shape": 0.0, "position": 1.0}
+    assert set(unseen["by_question"]) <= {q for wordings in UNSEEN_QUESTIONS.values() for q in wordings}
