@@ -87,7 +87,7 @@ def run_seed(seed: int, base_config: Path, root: Path, overrides, python: str) -
 
     env = dict(os.environ, CONFIG=str(config_path), PYTHON=str(wrapper))
     for name in ("LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LR", "PROJECTOR_LR", "EPOCHS", "BATCH_SIZE", "GRAD_ACCUM",
-                 "SAVE_STEPS", "NPROC"):
+                 "SAVE_STEPS", "NPROC", "STAGE"):
         env.pop(name, None)  # the config alone decides
     env["NPROC"] = "1"
     load_before = os.getloadavg()
@@ -171,7 +171,7 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--config", default=str(REPO / "config.yaml"), help="the demo config to start from")
     parser.add_argument("--root", default="/tmp/demo_seeds", help="one folder per seed is made in it")

@@ -28,6 +28,7 @@ CASES = [
     ("demo.check_export", ["--checkpoint", "a", "--export", "b", "--image", "c", "--prompt", "d", "--max-new", "4"],
      "--max-new"),
     ("bench.evaluate", ["--batch", "8"], "--batch"),
+    ("bench.demo_seeds", ["--seed", "3"], "--seed"),
     ("webui", ["--shar"], "--shar"),
 ]
 
