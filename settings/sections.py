@@ -22,7 +22,8 @@ DEFAULT_LORA_TARGETS = ("c_attn", "c_proj", "w1", "w2")
 
 @dataclass
 class ModelConfig:
-    """The models to build on, and how images reach the LLM. Saved into every checkpoint bundle."""
+    """The models to build on, and how images reach the LLM. Saved into every checkpoint bundle, except
+    projector_path (where the projector started: the bundle holds the trained projector itself)."""
 
     llm_path: str  # folder of Qwen-7B-Chat (or Qwen-7B): config.json, *.safetensors, qwen.tiktoken
     vision_path: str  # folder of openai/clip-vit-large-patch14: config.json, weights, preprocessor_config.json
