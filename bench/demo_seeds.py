@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from common.fileio import write_json, write_text
+
 REPO = Path(__file__).resolve().parent.parent
 
 WRAPPER = """#!{python}
@@ -78,7 +80,7 @@ def run_seed(seed: int, base_config: Path, root: Path, overrides, python: str) -
     for key, value in overrides:
         set_dotted(config, key, value)
     config_path = folder / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    write_text(config_path, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     stages = folder / "stages.jsonl"
     stages.unlink(missing_ok=True)
     wrapper = folder / "python"
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         print(f"seed {seed}: running bash train.sh in {root / f'seed{seed}'} ...", flush=True)
         results.append(run_seed(seed, config, root, overrides, sys.executable))
-        (root / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        write_json(root / "results.json", results)
         print(table(results[-1:]).splitlines()[2], flush=True)
     print()
     print(table(results))

@@ -43,7 +43,7 @@ def heldout_samples(heldout_file: Path) -> list:
             samples.append(EvalSample(
                 id=f"{row['image']}:{q['lang']}:{q['attribute']}:{phrasing}", language=q["lang"], kind="qa",
                 prompt=f"{IMAGE_TAG}\n{q['question']}", images=[image], references=[q["answer"]], answer=q["answer"],
-                group=q["question"], info={"attribute": q["attribute"], "phrasing": phrasing, "image": row["image"]},
+                group=q["question"], info={"attribute": q["attribute"], "phrasing": phrasing},
             ))
     return samples
 
@@ -68,9 +68,9 @@ def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64, seed: i
     metrics, rows = evaluate_samples(loaded, samples, **options)
     # Other wordings of the questions, never in any training text, asked with the image about the first half of
     # the held-out images (which the seen wordings are asked about too: `same_images_seen` compares like with like).
-    images = sorted({s.info["image"] for s in samples})
+    images = sorted({s.images[0] for s in samples})
     half = set(images[: max(len(images) // 2, 1)])
-    unseen = [s for s in everything if s.info["phrasing"] == "unseen" and s.info["image"] in half]
+    unseen = [s for s in everything if s.info["phrasing"] == "unseen" and s.images[0] in half]
     unseen_rows = evaluate_samples(loaded, unseen, passes=("with_image",), **options)[1] if unseen else []
 
     def accuracies(keep) -> dict:
@@ -84,7 +84,7 @@ def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64, seed: i
         chosen = [r["correct"] for s, r in zip(unseen, unseen_rows) if keep(s)]
         return round(sum(chosen) / len(chosen), 4) if chosen else None
 
-    same_images = [r["correct"] for s, r in zip(samples, rows) if s.info["image"] in half]
+    same_images = [r["correct"] for s, r in zip(samples, rows) if s.images[0] in half]
     unseen_phrasings = {
         "accuracy_with_image": unseen_accuracy(lambda s: True),
         "same_images_seen": round(sum(same_images) / len(same_images), 4) if same_images else None,

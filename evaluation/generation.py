@@ -110,32 +110,26 @@ def generate_passes(
     model = loaded.model
     bar = tqdm(total=len(samples) * len(passes), unit="answer", desc="evaluating", disable=not progress)
     context = memoised_tower(model) if memo else contextlib.nullcontext()
-    blank_said: dict[tuple[str, int], str] = {}  # (prompt, number of images) -> the blank pass's answer
     with context, bar:
+        if "blank" in passes:  # its answer depends on the prompt alone: each distinct prompt is asked once
+            asker: dict[tuple[str, int], int] = {}  # (prompt, number of images) -> the first sample asking it
+            for i in order:
+                asker.setdefault((samples[i].prompt, len(samples[i].images)), i)
+            distinct, said = list(asker.items()), {}
+            for start in range(0, len(distinct), batch_size):
+                chunk = distinct[start:start + batch_size]
+                prompts = [Prompt(samples[i].prompt, [load_image(p) for p in samples[i].images]) for _, i in chunk]
+                said.update(zip((key for key, _ in chunk), loaded.generate(prompts, pixel_override=_blank, **gen)))
+            answers["blank"] = [said[s.prompt, len(s.images)] for s in samples]
+            bar.update(len(samples))
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            own = [Prompt(samples[i].prompt, [load_image(p) for p in samples[i].images]) for i in chunk]
             for name in passes:
                 if name == "blank":
-                    keys = [(samples[i].prompt, len(samples[i].images)) for i in chunk]
-                    todo: dict[tuple[str, int], int] = {}  # a new prompt -> its first sample in the chunk
-                    for j, key in enumerate(keys):
-                        if key not in blank_said:
-                            todo.setdefault(key, j)
-                    if todo:
-                        out = loaded.generate([own[j] for j in todo.values()], pixel_override=_blank, **gen)
-                        blank_said.update(zip(todo, out))
-                    for i, key in zip(chunk, keys):
-                        answers[name][i] = blank_said[key]
-                    bar.update(len(chunk))
                     continue
-                if name == "shuffled":
-                    prompts = [Prompt(samples[i].prompt, [load_image(p) for p in samples[partners[i]].images])
-                               for i in chunk]
-                else:
-                    prompts = own
-                out = loaded.generate(prompts, **gen)
-                for i, answer in zip(chunk, out):
+                shown = partners if name == "shuffled" else range(len(samples))  # whose images each sample sees
+                prompts = [Prompt(samples[i].prompt, [load_image(p) for p in samples[shown[i]].images]) for i in chunk]
+                for i, answer in zip(chunk, loaded.generate(prompts, **gen)):
                     answers[name][i] = answer
                 bar.update(len(chunk))
     return answers
