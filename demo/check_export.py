@@ -73,7 +73,7 @@ def bad_input(args: argparse.Namespace) -> str | None:
 
 
 def _answers(path: Path) -> dict:
-    return {row["id"]: row.get("answer", row.get("error")) for row in map(json.loads, path.read_text().splitlines())}
+    return {row["id"]: row.get("answer", row.get("error")) for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
 
 
 def main(argv: list[str] | None = None) -> int:

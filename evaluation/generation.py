@@ -78,10 +78,6 @@ def memoised_tower(model: nn.Module, capacity: int = 1024):
         model.vision_tower = tower
 
 
-def _blank(pixels: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(pixels)
-
-
 def generate_passes(
     loaded,
     samples: list[EvalSample],
@@ -119,16 +115,17 @@ def generate_passes(
             for start in range(0, len(distinct), batch_size):
                 chunk = distinct[start:start + batch_size]
                 prompts = [Prompt(samples[i].prompt, [load_image(p) for p in samples[i].images]) for _, i in chunk]
-                said.update(zip((key for key, _ in chunk), loaded.generate(prompts, pixel_override=_blank, **gen)))
+                out = loaded.generate(prompts, pixel_override=torch.zeros_like, **gen)
+                said.update(zip((key for key, _ in chunk), out))
             answers["blank"] = [said[s.prompt, len(s.images)] for s in samples]
             bar.update(len(samples))
+        seen = [name for name in passes if name != "blank"]
+        shown = {name: partners if name == "shuffled" else range(len(samples)) for name in seen}  # whose images
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            for name in passes:
-                if name == "blank":
-                    continue
-                shown = partners if name == "shuffled" else range(len(samples))  # whose images each sample sees
-                prompts = [Prompt(samples[i].prompt, [load_image(p) for p in samples[shown[i]].images]) for i in chunk]
+            image = {p: load_image(p) for name in seen for i in chunk for p in samples[shown[name][i]].images}
+            for name in seen:
+                prompts = [Prompt(samples[i].prompt, [image[p] for p in samples[shown[name][i]].images]) for i in chunk]
                 for i, answer in zip(chunk, loaded.generate(prompts, **gen)):
                     answers[name][i] = answer
                 bar.update(len(chunk))

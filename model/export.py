@@ -108,6 +108,16 @@ def portable_config(source: Path, staging: Path) -> None:
     (staging / source.name).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
+def _load_merged(checkpoint: Path, output: Path, overwrite: bool):
+    """(base QWen folder, CLIP folder, model with LoRA folded in, bundle config) of `checkpoint`, once `output`
+    is known to be writable. Merged in fp32, whatever the base dtype, so the fold-in adds no rounding of its own."""
+    llm_path, vision_path = (Path(p) for p in BundleConfig.load(checkpoint).resolve(checkpoint))
+    check_output(output, {"checkpoint": checkpoint, "base QWen folder": llm_path, "CLIP folder": vision_path},
+                 overwrite)
+    model, config = load_vlm(checkpoint, dtype=torch.float32, merge_lora=True)
+    return llm_path, vision_path, model, config
+
+
 def export_merged(
     checkpoint: str | os.PathLike,
     output: str | os.PathLike,
@@ -118,11 +128,7 @@ def export_merged(
     overwrite: bool = False,
 ) -> Path:
     checkpoint, output = Path(checkpoint), Path(output)
-    llm_path, vision_path = (Path(p) for p in BundleConfig.load(checkpoint).resolve(checkpoint))
-    check_output(output, {"checkpoint": checkpoint, "base QWen folder": llm_path, "CLIP folder": vision_path},
-                 overwrite)
-    # Merge in fp32, whatever the base dtype, so the fold-in adds no rounding of its own.
-    model, config = load_vlm(checkpoint, dtype=torch.float32, merge_lora=True)
+    llm_path, vision_path, model, config = _load_merged(checkpoint, output, overwrite)
     dtype = dtype or checkpoint_dtype(llm_path)
 
     with staged_folder(output) as staging:
@@ -166,10 +172,7 @@ def export_llava(
     """The transformers-native LLaVA folder of a bundle (model/export_llava.py), written whole. `dtype` defaults
     to the base QWen checkpoint's (bf16 for Qwen-7B-Chat)."""
     checkpoint, output = Path(checkpoint), Path(output)
-    llm_path, vision_path = (Path(p) for p in BundleConfig.load(checkpoint).resolve(checkpoint))
-    check_output(output, {"checkpoint": checkpoint, "base QWen folder": llm_path, "CLIP folder": vision_path},
-                 overwrite)
-    model, config = load_vlm(checkpoint, dtype=torch.float32, merge_lora=True)  # merged in fp32: no extra rounding
+    llm_path, vision_path, model, config = _load_merged(checkpoint, output, overwrite)
     with staged_folder(output) as staging:
         write_llava(staging, model, config, checkpoint=checkpoint, llm_path=llm_path, vision_path=vision_path,
                     dtype=dtype or checkpoint_dtype(llm_path), max_shard_bytes=max_shard_bytes, name=output.name)
