@@ -57,8 +57,12 @@ def check_inputs(setup: TrainSetup) -> None:
     for label, path in (("model.llm_path", setup.model.llm_path), ("model.vision_path", setup.model.vision_path)):
         if not path or not Path(path).is_dir():
             raise FileNotFoundError(f"{label}: folder not found: {path}")
-    if setup.args.stage == "instruct" and setup.model.projector_path and not setup.args.resume_from_checkpoint:
-        check_projector_folder(setup.model.projector_path)
+    start = setup.model.projector_path
+    if setup.args.stage == "instruct" and start and not setup.args.resume_from_checkpoint:
+        if is_within(start, setup.args.output_dir):
+            raise ValueError(f"model.projector_path {start} is in output_dir {setup.args.output_dir}: an output is "
+                             "never one of the inputs (give each stage its own folder)")
+        check_projector_folder(start)
     data = setup.data
     if not data.train_file or not Path(data.train_file).is_file():
         raise FileNotFoundError(
@@ -175,9 +179,6 @@ def build(setup: TrainSetup, resume: str | None, feature_cache):
                 print(f"train.py: model.projector_path ({start}) not loaded: resuming restores the checkpoint's "
                       "projector")
         elif start:
-            if is_within(start, args.output_dir):
-                raise ValueError(f"model.projector_path {start} is in output_dir {args.output_dir}: an output is "
-                                 "never one of the inputs (give each stage its own folder)")
             load_start_projector(model, start, bundle_config, verbose=args.should_log)
         lora = setup.lora
         trained = apply_lora(model, r=lora.lora_r, alpha=lora.lora_alpha, dropout=lora.lora_dropout,

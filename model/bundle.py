@@ -225,10 +225,11 @@ def check_compatible(folder: str | os.PathLike, current: BundleConfig, model) ->
     saved = BundleConfig.load(folder)
     problems = [f"{name}: checkpoint {getattr(saved, name)!r} vs now {getattr(current, name)!r}"
                 for name in IDENTITY_FIELDS if getattr(saved, name) != getattr(current, name)]
-    if not hasattr(model, "peft_config") and (folder / ADAPTER_CONFIG_FILE).is_file():
-        problems.append("LoRA adapter: the checkpoint has one, the model now has none (an instruct checkpoint "
-                        "cannot resume the align stage)")
-    if hasattr(model, "peft_config"):
+    if not hasattr(model, "peft_config"):
+        if (folder / ADAPTER_CONFIG_FILE).is_file():
+            problems.append("LoRA adapter: the checkpoint has one, the model now has none (an instruct checkpoint "
+                            "cannot resume the align stage)")
+    else:
         config_file = folder / ADAPTER_CONFIG_FILE
         if not config_file.is_file() or not (folder / ADAPTER_WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{folder}: no LoRA adapter in it (an align-stage checkpoint cannot resume the "
