@@ -5,7 +5,7 @@ once, and writes the train JSONL (`data.output`), the validation JSONL and `<out
 JSONL files are published as one set (links through one pointer, `common.fileset`): a killed run leaves the
 previous pair or the new one. An output that is one of the annotations files is an error.
 
-With --cache-features it then also computes the frozen CLIP tower's patch features of every image of the
+With --cache-features it then also computes the frozen vision tower's patch features of every image of the
 written files into the folder `data.feature_cache` (this needs the `model` section too: `vision_path`,
 `vision_feature_layer`); train.py reads features from that folder whenever `data.feature_cache` is set, and
 never runs the tower. A cache that is up to date is reused, one missing images is completed, one of another
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--config", required=True, help="YAML config with a 'data' section")
     parser.add_argument(
         "--cache-features", action="store_true",
-        help="also compute the CLIP features of every kept image into data.feature_cache (needs the 'model' "
+        help="also compute the vision tower's features of every kept image into data.feature_cache (needs the 'model' "
         "section; on the GPU in bf16 if there is one, else on the CPU in fp32)",
     )
     parser.add_argument(
@@ -49,7 +49,7 @@ def check_feature_cache_config(config, rebuild: bool) -> ModelConfig:
     """Before any processing: the model section and the cache folder can give a cache (ConfigError/PathError)."""
     from dataprocess.features import FeatureCacheError, cache_identity, check_reusable
     from dataprocess.pipeline import PathError
-    from visual.clip_tower import CheckpointError, inspect_checkpoint
+    from visual import CheckpointError, inspect_vision_checkpoint
 
     cache_folder = config.data.feature_cache
     if not cache_folder:
@@ -57,15 +57,15 @@ def check_feature_cache_config(config, rebuild: bool) -> ModelConfig:
     model = config.require("model")
     if not os.path.isdir(model.vision_path):
         raise PathError(f"model.vision_path: folder not found: {model.vision_path}")
-    try:  # the weights too, from their headers: a broken CLIP folder fails now, not after the whole data pass
-        inspect_checkpoint(model.vision_path)
+    try:  # the weights too, from their headers: a broken tower folder fails now, not after the whole data pass
+        inspect_vision_checkpoint(model.vision_path)
     except CheckpointError as e:
         raise PathError(f"model.vision_path: {e}") from e
     try:
         check_reusable(cache_folder, cache_identity(model.vision_path, model.vision_feature_layer), rebuild)
     except FeatureCacheError as e:
         raise PathError(str(e)) from e
-    except (OSError, ValueError) as e:  # the CLIP folder or its JSON files
+    except (OSError, ValueError) as e:  # the tower's folder or its JSON files
         raise PathError(f"model.vision_path {model.vision_path}: {e}") from e
     return model
 

@@ -1,4 +1,4 @@
-"""Train the VLM: LoRA on QWen + the projector, CLIP frozen, with the Hugging Face Trainer.
+"""Train the VLM: LoRA on the LLM + the projector, the vision tower frozen, with the Hugging Face Trainer.
 
     python train.py --config config.yaml [--any_training_argument value ...]
     python train.py --config C --stage align   (the projector alone, from the config's align section; then
@@ -35,9 +35,9 @@ from transformers import set_seed
 from common.paths import is_within
 from dataprocess.features import FeatureCache, cache_identity, images_of_jsonl
 from dataset import DataCollator, NoUsableSampleError, SupervisedDataset
-from model import apply_lora, build_vlm, bundle_config_for
+from llm import load_tokenizer
+from model import apply_lora, build_vlm, vlm_config_for
 from model.bundle import check_compatible
-from qwen import QWenTokenizer
 from settings import ConfigError
 from settings.training import TrainSetup, parse_train_args
 from training.checkpoints import check_output_dir, clear_previous_run, resolve_resume
@@ -49,7 +49,7 @@ from training.stages import (
     sample_filter,
 )
 from training.trainer import VLMTrainer, unsupported_options
-from visual import CLIPImagePreprocessor
+from visual import load_image_preprocessor
 
 
 def check_inputs(setup: TrainSetup) -> None:
@@ -110,7 +110,7 @@ def build_datasets(setup: TrainSetup, tokenizer, num_image_tokens: int, feature_
     """The training dataset and, when the validation file has usable samples, the evaluation one; only the samples
     of `sources` (and, in the align stage, only samples with an image)."""
     # With the feature cache, items carry `patch_features` instead of `pixel_values`: the tower never runs.
-    processor = CLIPImagePreprocessor.from_pretrained(setup.model.vision_path) if feature_cache is None else None
+    processor = load_image_preprocessor(setup.model.vision_path) if feature_cache is None else None
     sources = resolve_sources(setup.data.sources, setup.config.data) if setup.data.sources else None
     keep = sample_filter(sources, need_images=setup.args.stage == "align")
 
@@ -162,11 +162,11 @@ def build(setup: TrainSetup, resume: str | None, feature_cache):
     and the bundle config; ValueError/FileNotFoundError."""
     args = setup.args
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    tokenizer = load_tokenizer(setup.model.llm_path)
     model = build_vlm(setup.model.llm_path, setup.model.vision_path,
-                      vision_feature_layer=setup.model.vision_feature_layer, dtype=dtype)
-    tokenizer = QWenTokenizer.from_pretrained(setup.model.llm_path)
+                      vision_feature_layer=setup.model.vision_feature_layer, dtype=dtype, tokenizer=tokenizer)
     datasets = build_datasets(setup, tokenizer, model.vision_tower.num_patches, feature_cache)
-    bundle_config = bundle_config_for(model, setup.model.llm_path, setup.model.vision_path, setup.model.system_prompt)
+    bundle_config = vlm_config_for(model, setup.model.llm_path, setup.model.vision_path, setup.model.system_prompt)
     start = setup.model.projector_path
     if args.stage == "align":
         if start and args.should_log:

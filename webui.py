@@ -161,7 +161,7 @@ def build_app(answerer):
 
     with gr.Blocks(title="Chat with the VLM", analytics_enabled=False) as app:
         gr.Markdown(f"### Chat with the VLM\n`{answerer.folder}` on {answerer.device.type}, "
-                    f"{config.num_image_tokens} image tokens per image")
+                    f"{config.vision.num_image_tokens} image tokens per image")
         turns = gr.State([])  # list[inference.Turn]: what the model sees again
         pending = gr.State(None)  # the message waiting for (or getting) its answer
         with gr.Row():

@@ -16,8 +16,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from dataprocess.schema import ASSISTANT, BAD_ROW, NO_CAPTIONS, USER, Drop, Kept, make_sample
-from qwen import IMAGE_TAG
+from dataprocess.schema import ASSISTANT, BAD_ROW, IMAGE_MARKER, NO_CAPTIONS, USER, Drop, Kept, make_sample
 
 PROMPTS = (
     "请描述这张图片。",
@@ -45,7 +44,7 @@ def prompt_for_row(seed: int, row: int) -> str:
     """The user turn of row `row`: a seeded choice of question, tag before or after it."""
     rng = random.Random(f"aic:{seed}:{row}")  # str seeds are hashed with SHA-512: stable across runs
     question = rng.choice(PROMPTS)
-    return f"{IMAGE_TAG}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE_TAG}"
+    return f"{IMAGE_MARKER}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE_MARKER}"
 
 
 def convert_row(row: Any, index: int, image_dir: str, source: str, seed: int) -> Kept | Drop:

@@ -1,4 +1,4 @@
-"""The CLIP feature cache: the frozen tower's patch features of every image, computed once, read every epoch.
+"""The feature cache: the frozen vision tower's patch features of every image, computed once, read every epoch.
 
     python process_image.py --config config.yaml --cache-features      (into the folder `data.feature_cache`)
 
@@ -16,7 +16,7 @@ Layout of the cache folder:
 manifest.json: `format`; the identity, which must equal the model's (`cache_identity`): `vision_path`
 (resolved), `weights` (the SHA-256 of each of the tower's weight files), `vision_feature_layer` (as a
 hidden_states index >= 0; `vision_feature_layer_config` keeps the configured value), `image_size`,
-`num_patches` (N), `hidden_size` (C), `preprocessor` (every CLIPImagePreprocessor setting); then `dtype`, `feature_shape`, `num_images`, `shards` (file, images, bytes:
+`num_patches` (N), `hidden_size` (C), `preprocessor` (every ImagePreprocessor setting); then `dtype`, `feature_shape`, `num_images`, `shards` (file, images, bytes:
 checked when the cache is opened) and `skipped` (path and reason of each image that did not decode).
 
 The whole folder is built under a temporary name beside it and renamed into place, so it is either the old
@@ -56,14 +56,15 @@ from tqdm import tqdm
 from common.fileio import staged_folder, write_json
 from common.safetensors_file import save_safetensors
 from dataprocess.schema import read_samples
-from visual.clip_tower import (
-    CLIPVisionTower,
-    inspect_checkpoint,
+from visual.frozen_tower import resolve_feature_layer
+from visual.images import ImageLoadError, load_image
+from visual.towers import (
+    inspect_vision_checkpoint,
+    load_image_preprocessor,
+    load_vision_tower,
     num_image_tokens,
-    resolve_feature_layer,
     vision_config,
 )
-from visual.images import CLIPImagePreprocessor, ImageLoadError, load_image
 
 CACHE_FORMAT = "clip-feature-cache/1"
 MANIFEST_FILE = "manifest.json"
@@ -108,8 +109,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def weights_identity(vision_path: str | os.PathLike) -> dict[str, str]:
-    """{weight file name: "sha256:<hex>"} of a CLIP checkpoint folder (the files the tower is loaded from)."""
-    _, files, _ = inspect_checkpoint(Path(vision_path))
+    """{weight file name: "sha256:<hex>"} of a vision checkpoint folder (the files the tower is loaded from)."""
+    _, files, _ = inspect_vision_checkpoint(Path(vision_path))
     return {file.name: "sha256:" + file_sha256(file) for file in files}
 
 
@@ -118,7 +119,7 @@ def cache_identity(vision_path: str | os.PathLike, vision_feature_layer: int) ->
     index used, the image geometry and the preprocessing. The weights are hashed, not loaded."""
     folder = os.path.realpath(vision_path)
     config = vision_config(folder)
-    processor = CLIPImagePreprocessor.from_pretrained(folder)
+    processor = load_image_preprocessor(folder)
     settings = {f.name: getattr(processor, f.name) for f in fields(processor) if f.init}
     return {
         "vision_path": folder,
@@ -402,14 +403,14 @@ def _encode_images(paths: list[str], expected: dict[str, Any], vision_feature_la
                    ) -> Iterator[tuple[str, torch.Tensor | None, tuple[str, str] | None]]:
     """(path, features [N, C] in store_dtype on the CPU or None, problem or None) for each path, in order:
     images decoded by DataLoader workers, encoded by the tower in batches."""
-    tower = CLIPVisionTower.from_pretrained(expected["vision_path"], feature_layer=vision_feature_layer, dtype=dtype)
+    tower = load_vision_tower(expected["vision_path"], feature_layer=vision_feature_layer, dtype=dtype)
     tower.to(device)
     assert (tower.num_patches, tower.hidden_size) == (expected["num_patches"], expected["hidden_size"]), (
         f"tower gives [{tower.num_patches}, {tower.hidden_size}] features, its config says "
         f"[{expected['num_patches']}, {expected['hidden_size']}]"
     )
     loader = DataLoader(
-        _ImageFiles(paths, CLIPImagePreprocessor.from_pretrained(expected["vision_path"])),
+        _ImageFiles(paths, load_image_preprocessor(expected["vision_path"])),
         batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list,
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
@@ -426,7 +427,7 @@ def _encode_images(paths: list[str], expected: dict[str, Any], vision_feature_la
 def _fill(writer: _ShardWriter, paths: list[str], previous: FeatureCache | None, stream, store_dtype: torch.dtype,
           result: CacheResult, progress: bool) -> None:
     """Every path's features into the shards, in path order: copied from the previous cache or computed."""
-    bar = tqdm(total=len(paths), desc="CLIP features", unit="img", disable=not progress, smoothing=0.05)
+    bar = tqdm(total=len(paths), desc="image features", unit="img", disable=not progress, smoothing=0.05)
     with bar:
         for path in paths:
             if previous is not None and path in previous:

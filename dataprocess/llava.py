@@ -2,9 +2,9 @@
 
 The raw file (e.g. `complex_reasoning_77k.json`) is a JSON list of
 `{"id": ..., "image": "x.jpg" | ["a.jpg", ...] (optional), "conversations": [{"from": "human" | "gpt", "value": ...}]}`.
-Every turn is kept (multi-turn conversations are not cut). `<image>` in a human turn becomes the
-image tag exactly where the data puts it, newline included; the outer whitespace of each turn is
-stripped. Rows without `image` are text-only samples and must then have no `<image>`.
+Every turn is kept (multi-turn conversations are not cut). `<image>` in a human turn is our image marker too
+(dataprocess.schema.IMAGE_MARKER) and stays exactly where the data puts it, newline included; the outer
+whitespace of each turn is stripped. Rows without `image` are text-only samples and must then have no `<image>`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 from dataprocess.schema import (
     ASSISTANT,
     BAD_ROW,
+    IMAGE_MARKER,
     MALFORMED_TURNS,
     TAG_MISMATCH,
     USER,
@@ -25,9 +26,7 @@ from dataprocess.schema import (
     make_sample,
     turns_problem,
 )
-from qwen import IMAGE_TAG
 
-LLAVA_IMAGE_TOKEN = "<image>"
 ROLES = {"human": USER, "gpt": ASSISTANT}
 
 
@@ -81,12 +80,8 @@ def convert_row(row: Any, index: int, image_dir: str, source: str) -> Kept | Dro
         if role is None:
             return Drop(MALFORMED_TURNS, index, raw_id, f"message {i} has unknown role {message['from']!r}")
         text = message["value"].strip()
-        if role == ASSISTANT and LLAVA_IMAGE_TOKEN in text:
-            return Drop(TAG_MISMATCH, index, raw_id, f"message {i} (gpt) contains {LLAVA_IMAGE_TOKEN}")
-        if role == USER:
-            if IMAGE_TAG in text:  # it would be read as an image tag: refuse rather than guess
-                return Drop(TAG_MISMATCH, index, raw_id, f"message {i} (human) already contains {IMAGE_TAG}")
-            text = text.replace(LLAVA_IMAGE_TOKEN, IMAGE_TAG)
+        if role == ASSISTANT and IMAGE_MARKER in text:
+            return Drop(TAG_MISMATCH, index, raw_id, f"message {i} (gpt) contains {IMAGE_MARKER}")
         turns.append({"role": role, "content": text})
 
     problem = turns_problem(turns)
@@ -95,7 +90,7 @@ def convert_row(row: Any, index: int, image_dir: str, source: str) -> Kept | Dro
     n_tags = count_image_tags(turns)
     if n_tags != len(images):
         return Drop(
-            TAG_MISMATCH, index, raw_id, f"{n_tags} {LLAVA_IMAGE_TOKEN} tags for {len(images)} images"
+            TAG_MISMATCH, index, raw_id, f"{n_tags} {IMAGE_MARKER} tags for {len(images)} images"
         )
     paths = [os.path.abspath(os.path.join(image_dir, p)) for p in images]
     return Kept(index, raw_id, make_sample(source, raw_id, paths, turns))

@@ -6,13 +6,18 @@ One sample is one JSON object (one line of the processed JSONL file), keys in th
     {"id": str, "source": str, "images": [absolute paths, in tag order],
      "turns": [{"role": "user" | "assistant", "content": str, ("candidates": [str, ...])?}, ...]}
 
-- Each image is marked in a USER turn by one `IMAGE_TAG`, in the order of `images`. Assistant turns
-  are plain text: an answer containing "<|extra_0|>" or "<|im_end|>" is just text.
+- Each image is marked in a USER turn by one `IMAGE_MARKER` ("<image>", LLaVA's own mark), in the order of
+  `images`. The marker belongs to no LLM: the language backbone's own placeholder token goes in at tokenisation
+  (dataset/conversation.py), so data processed once trains any pair of backbones. Assistant turns are plain
+  text: an answer containing "<image>" or "<|im_end|>" is just text.
 - Turns alternate user/assistant, start with user, end with assistant; no content is blank (a user
   turn holding only an image tag is not blank).
 - `candidates` (captions): every valid answer for that turn; `content` is the first of them.
 
 Also here: the records of raw rows a converter could not use (`Drop`, with a stable reason label).
+
+Files written by earlier versions marked images with Qwen v1's token "<|extra_0|>"; `read_samples` reads them as
+they were meant (see `upgrade_first_format`), so they need no reprocessing.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qwen import IMAGE_TAG
+# what processed files of the first format held instead of IMAGE_MARKER: Qwen v1's image token
+from qwen.tokenization_qwen import IMAGE_TAG as FIRST_IMAGE_TAG
 
 SAMPLE_KEYS = ("id", "source", "images", "turns")
+IMAGE_MARKER = "<image>"  # one image in a user turn: on disk, in typed prompts (infer.py, the web UI), in exports
 USER = "user"
 ASSISTANT = "assistant"
 
@@ -100,7 +107,28 @@ def check_turns(turns: Any, where: str) -> None:
 
 def count_image_tags(turns: Sequence[dict[str, Any]]) -> int:
     """Images a conversation refers to: the tags of its user turns (tags in answers are text)."""
-    return sum(t["content"].count(IMAGE_TAG) for t in turns if t["role"] == USER)
+    return sum(t["content"].count(IMAGE_MARKER) for t in turns if t["role"] == USER)
+
+
+def upgrade_first_format(sample: Any) -> Any:
+    """A sample of a file processed by an earlier version, as the current format says it; any other value
+    unchanged. Those files marked each image with "<|extra_0|>"; a sample whose user turns hold no "<image>" but
+    exactly as many "<|extra_0|>" as it has images (at least one) can only be such a sample (in the current
+    format it would be invalid), so its tags become markers. Tags in a text-only sample stay text."""
+    if not isinstance(sample, dict) or not isinstance(sample.get("images"), list) or not sample["images"]:
+        return sample
+    turns = sample.get("turns")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                              for t in turns):
+        return sample
+    users = [t for t in turns if t.get("role") == USER]
+    if any(IMAGE_MARKER in t["content"] for t in users):
+        return sample
+    if sum(t["content"].count(FIRST_IMAGE_TAG) for t in users) != len(sample["images"]):
+        return sample
+    upgraded = [{**t, "content": t["content"].replace(FIRST_IMAGE_TAG, IMAGE_MARKER)} if t.get("role") == USER
+                else t for t in turns]
+    return {**sample, "turns": upgraded}
 
 
 def validate_sample(sample: Any, where: str | None = None) -> None:
@@ -135,8 +163,9 @@ def to_json_line(sample: dict[str, Any]) -> str:
 
 
 def read_samples(path: str | os.PathLike) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
-    """(line number, raw line, sample) for each non-blank line of a processed file, every sample validated;
-    FileNotFoundError, or ValueError naming the file and line."""
+    """(line number, raw line, sample) for each non-blank line of a processed file, every sample validated (and
+    read in the current format: `upgrade_first_format`); FileNotFoundError, or ValueError naming the file and
+    line."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset file not found: {path} (run process_image.py to write it)")
@@ -149,6 +178,7 @@ def read_samples(path: str | os.PathLike) -> Iterator[tuple[int, bytes, dict[str
                 sample = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}, line {lineno}: not valid JSON ({e})") from e
+            sample = upgrade_first_format(sample)
             sample_id = sample.get("id") if isinstance(sample, dict) else None
             validate_sample(sample, f"{path}, line {lineno}" + (f" ({sample_id})" if isinstance(sample_id, str) else ""))
             yield lineno, line, sample

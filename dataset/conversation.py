@@ -1,4 +1,5 @@
-"""Conversations → token ids in Qwen-7B-Chat's ChatML layout, with image placeholders and an exact label mask.
+"""Conversations → token ids in the ChatML layout of the Qwen models (v1, 2.5, 3), with image placeholders and an
+exact label mask. Any tokenizer with the chat-tokenizer interface (llm/base.py) works.
 
 A training sequence with a system message and two (user, assistant) turns reads:
 
@@ -11,11 +12,11 @@ tokens and its closing `<|im_end|>`, the token that teaches the model to stop. T
 each answer is exactly the inference prompt (`build_prompt_ids`, equal to `qwen.make_context` for
 text without images), so training and inference see the same tokens.
 
-Images: each `<|extra_0|>` tag in a USER turn becomes `num_image_tokens` copies of its id (the
-placeholders the model overwrites with projected CLIP features). All text - system, user, answers -
-is encoded with `allowed_special=set()`, so text that looks like a special token ("<|im_end|>",
-"<|extra_0|>" in an answer) stays ordinary text; special ids are only ever inserted here, by
-structure. `check_encoding` re-derives the mask from the ids alone and raises on any disagreement.
+Images: each `<image>` marker (dataprocess.schema.IMAGE_MARKER) in a USER turn becomes `num_image_tokens`
+copies of the LLM's own image token id (`tokenizer.image_token_id`: `<|extra_0|>` for QWen v1, `<|image_pad|>`
+for Qwen2.5 / Qwen3; the placeholders the model overwrites with projected image features). All text - system,
+user, answers - is encoded with `tokenizer.encode_text`, so text that looks like a special token ("<|im_end|>",
+"<|image_pad|>" in an answer) stays ordinary text; special ids are only ever inserted here, by structure. `check_encoding` re-derives the mask from the ids alone and raises on any disagreement.
 
 Too long for `max_length`: whole trailing (user, assistant) pairs are dropped, with their images,
 so a placeholder run is never cut and no tag loses its image; if the first pair alone does not fit,
@@ -29,8 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dataprocess.schema import ASSISTANT, USER, check_turns
-from qwen import IMAGE_TAG, QWenTokenizer
+from dataprocess.schema import ASSISTANT, IMAGE_MARKER, USER, check_turns
+from llm import ChatTokenizer
 
 IGNORE_INDEX = -100  # label of every token that is not supervised
 SYSTEM = "system"
@@ -60,21 +61,21 @@ class EncodedConversation:
 # --------------------------------------------------------------------------------------------------
 
 
-def encode_text(tokenizer: QWenTokenizer, text: str) -> list[int]:
+def encode_text(tokenizer: ChatTokenizer, text: str) -> list[int]:
     """Ids of text that must stay text: special-token look-alikes are encoded as ordinary characters."""
-    return tokenizer.encode(text, allowed_special=set())
+    return tokenizer.encode_text(text)
 
 
-def encode_user_text(tokenizer: QWenTokenizer, text: str, num_image_tokens: int) -> list[int]:
-    """A user message: the text between tags encoded as text, each tag as num_image_tokens placeholder ids.
+def encode_user_text(tokenizer: ChatTokenizer, text: str, num_image_tokens: int) -> list[int]:
+    """A user message: the text between markers encoded as text, each marker as num_image_tokens placeholder ids.
 
-    With no tag this is exactly `tokenizer.encode(text, allowed_special=set())`. The text is split at
-    the tags before encoding, so BPE never merges across an image.
+    With no marker this is exactly `tokenizer.encode_text(text)`. The text is split at the markers before
+    encoding, so BPE never merges across an image.
     """
-    pieces = text.split(IMAGE_TAG)
+    pieces = text.split(IMAGE_MARKER)
     if num_image_tokens < 1:
         raise ValueError(f"num_image_tokens must be at least 1, got {num_image_tokens}")
-    image_run = [tokenizer.image_tag_id] * num_image_tokens
+    image_run = [tokenizer.image_token_id] * num_image_tokens
     ids: list[int] = []
     for i, piece in enumerate(pieces):
         if i:
@@ -87,11 +88,11 @@ def encode_user_text(tokenizer: QWenTokenizer, text: str, num_image_tokens: int)
 class _Layout:
     """The fixed ChatML pieces of one tokenizer (encoded once per tokenizer: see `_layout`)."""
 
-    def __init__(self, tokenizer: QWenTokenizer):
+    def __init__(self, tokenizer: ChatTokenizer):
         self.nl = encode_text(tokenizer, "\n")
         start, end = tokenizer.im_start_id, tokenizer.im_end_id
         self.end = [end]
-        self.first_special = min(tokenizer.special_tokens.values())  # 151643: every id from here is special
+        self.special = tokenizer.special_ids  # never in text
         # <|im_start|>{role}\n for each role
         self.heads = {role: [start, *encode_text(tokenizer, role), *self.nl] for role in (SYSTEM, USER, ASSISTANT)}
         self.system_head = self.heads[SYSTEM]
@@ -101,11 +102,11 @@ class _Layout:
 
 
 @functools.lru_cache(maxsize=8)
-def _layout(tokenizer: QWenTokenizer) -> _Layout:
+def _layout(tokenizer: ChatTokenizer) -> _Layout:
     return _Layout(tokenizer)
 
 
-def _system_ids(tokenizer: QWenTokenizer, layout: _Layout, system: str) -> list[int]:
+def _system_ids(tokenizer: ChatTokenizer, layout: _Layout, system: str) -> list[int]:
     return layout.system_head + encode_text(tokenizer, system) + layout.end
 
 
@@ -115,7 +116,7 @@ def _system_ids(tokenizer: QWenTokenizer, layout: _Layout, system: str) -> list[
 
 
 def build_prompt_ids(
-    tokenizer: QWenTokenizer,
+    tokenizer: ChatTokenizer,
     query: str,
     history: Sequence[tuple[str, str]] | None,
     system: str,
@@ -162,7 +163,7 @@ def build_prompt_ids(
 
 
 def encode_conversation(
-    tokenizer: QWenTokenizer,
+    tokenizer: ChatTokenizer,
     turns: Sequence[dict[str, Any]],
     *,
     system: str,
@@ -193,7 +194,7 @@ def encode_conversation(
             break
         input_ids += prompt + supervised
         labels += [IGNORE_INDEX] * len(prompt) + supervised
-        num_images += user.count(IMAGE_TAG)
+        num_images += user.count(IMAGE_MARKER)
         kept += 1
     check_encoding(
         tokenizer, input_ids, labels,
@@ -208,7 +209,7 @@ def encode_conversation(
 
 
 def check_encoding(
-    tokenizer: QWenTokenizer,
+    tokenizer: ChatTokenizer,
     input_ids: Sequence[int],
     labels: Sequence[int],
     *,
@@ -237,7 +238,6 @@ def check_encoding(
     if len(ids) != len(labels):
         fail(f"{len(ids)} ids but {len(labels)} labels")
     layout = _layout(tokenizer)
-    first_special = layout.first_special
 
     images = 0
     pos = 0
@@ -252,7 +252,7 @@ def check_encoding(
             close = ids.index(tokenizer.im_end_id, pos)
         except ValueError:
             fail(f"message {m} ({role}) at {pos} is not closed by <|im_end|>")
-        images += _check_content(ids[pos:close], role, tokenizer.image_tag_id, num_image_tokens, first_special,
+        images += _check_content(ids[pos:close], role, tokenizer.image_token_id, num_image_tokens, layout.special,
                                  lambda what, m=m, role=role: fail(f"message {m} ({role}): {what}"))
         if role == ASSISTANT:
             if labels[pos:close + 1] != ids[pos:close + 1]:
@@ -266,7 +266,7 @@ def check_encoding(
         fail(f"{images} images' worth of placeholders, expected {num_images} (tags kept)")
 
 
-def _check_content(content: list[int], role: str, image: int, num_image_tokens: int, first_special: int,
+def _check_content(content: list[int], role: str, image: int, num_image_tokens: int, special: frozenset[int],
                    fail: Callable[[str], None]) -> int:
     """Images in one message's content. Text between images has no special id; placeholders come
     only in user messages, in whole runs of num_image_tokens (several adjacent images: one long run)."""
@@ -279,8 +279,8 @@ def _check_content(content: list[int], role: str, image: int, num_image_tokens: 
         except ValueError:
             run = len(content)
         text = content[pos:run]
-        if text and max(text) >= first_special:
-            fail(f"special id {next(t for t in text if t >= first_special)} in its text")
+        if not special.isdisjoint(text):
+            fail(f"special id {next(t for t in text if t in special)} in its text")
         if run == len(content):
             return images
         if role != USER:

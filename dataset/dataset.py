@@ -36,7 +36,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from dataprocess.schema import read_samples
 from dataset.conversation import IGNORE_INDEX, SampleTooLongError, encode_conversation
-from qwen import QWenTokenizer
+from llm import ChatTokenizer
 from visual.images import ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class SupervisedDataset(Dataset):
     def __init__(
         self,
         jsonl_path: str | os.PathLike,
-        tokenizer: QWenTokenizer,
+        tokenizer: ChatTokenizer,
         image_processor: ImageProcessor | None,
         *,
         num_image_tokens: int,

@@ -17,16 +17,16 @@ from collections.abc import Sequence
 
 from dataprocess.schema import read_samples
 from dataset.conversation import IGNORE_INDEX, EncodedConversation, SampleTooLongError, encode_conversation
-from qwen import QWenTokenizer
+from llm import ChatTokenizer, load_tokenizer
 from settings import ConfigError
-from visual.clip_tower import num_image_tokens, vision_config
+from visual import num_image_tokens, vision_config
 
 SUPERVISED_OPEN, SUPERVISED_CLOSE = "⟦", "⟧"
 
 
-def render(tokenizer: QWenTokenizer, input_ids: Sequence[int], labels: Sequence[int], num_image_tokens: int) -> str:
+def render(tokenizer: ChatTokenizer, input_ids: Sequence[int], labels: Sequence[int], num_image_tokens: int) -> str:
     """The decoded sequence with supervised tokens inside ⟦…⟧ and each image's run shown as <image×N>."""
-    image = tokenizer.image_tag_id
+    image = tokenizer.image_token_id
 
     def kind(pair: tuple[int, int]) -> str:
         tok, lab = pair
@@ -75,11 +75,12 @@ def preflight(config: str, split: str = "train", index: int = 0, check: int | No
     loaded = parse_train_args(["--config", str(config)]).config
     model_config, data_config = loaded.require("model"), loaded.require("data")
     path = data_config.output if split == "train" else data_config.resolved_val_output()
-    tokenizer = QWenTokenizer.from_pretrained(model_config.llm_path)
+    tokenizer = load_tokenizer(model_config.llm_path)
     n_image_tokens = num_image_tokens(vision_config(model_config.vision_path))
     system, max_length = model_config.system_prompt, data_config.max_length
     print(f"file:        {path} ({split})")
-    print(f"tokenizer:   {model_config.llm_path} ({len(tokenizer.mergeable_ranks)} ranks)")
+    print(f"tokenizer:   {model_config.llm_path} ({tokenizer.vocab_size} tokens, image token "
+          f"{tokenizer.image_token} = {tokenizer.image_token_id})")
     print(f"images:      {n_image_tokens} placeholder tokens each (from {model_config.vision_path})")
     print(f"max_length:  {max_length}; system prompt: {system!r}")
 

@@ -33,7 +33,7 @@ PASS_KEYS = {"with_image": "correct", "blind": "blank_correct", "shuffled": "shu
 def heldout_samples(heldout_file: Path) -> list:
     """One qa sample per (held-out image, question); samples asking the same question may swap images."""
     from evaluation.samples import EvalSample
-    from qwen import IMAGE_TAG
+    from dataprocess.schema import IMAGE_MARKER
 
     samples = []
     for row in json.loads(heldout_file.read_text(encoding="utf-8")):
@@ -42,7 +42,7 @@ def heldout_samples(heldout_file: Path) -> list:
             phrasing = q.get("phrasing", "seen")
             samples.append(EvalSample(
                 id=f"{row['image']}:{q['lang']}:{q['attribute']}:{phrasing}", language=q["lang"], kind="qa",
-                prompt=f"{IMAGE_TAG}\n{q['question']}", images=[image], references=[q["answer"]], answer=q["answer"],
+                prompt=f"{IMAGE_MARKER}\n{q['question']}", images=[image], references=[q["answer"]], answer=q["answer"],
                 group=q["question"], info={"attribute": q["attribute"], "phrasing": phrasing},
             ))
     return samples
@@ -58,7 +58,8 @@ def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64, seed: i
     from demo.synthetic import normalise_answer
     from evaluation.generation import BLANK
     from evaluation.runner import evaluate_samples
-    from inference import IMAGE_MARK, load_checkpoint
+    from dataprocess.schema import IMAGE_MARKER
+    from inference import load_checkpoint
 
     everything = heldout_samples(heldout_file)
     samples = [s for s in everything if s.info["phrasing"] == "seen"]
@@ -111,7 +112,7 @@ def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64, seed: i
         "shuffled": f"{metrics['shuffled']['swapped']} of {len(samples)} questions asked about another held-out "
                     "image (same question), scored against that image's answer",
         "checkpoint": str(checkpoint),
-        "examples": [{"question": r["prompt"].replace(IMAGE_MARK, "").strip(), "expected": s.answer,
+        "examples": [{"question": r["prompt"].replace(IMAGE_MARKER, "").strip(), "expected": s.answer,
                       "answer": r["prediction"]} for s, r in zip(samples[:12], rows[:12])],
     }
 

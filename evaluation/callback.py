@@ -22,13 +22,13 @@ class GenerationEvalCallback(TrainerCallback):
     def __init__(self, trainer, eval_file: str, n_samples: int, tokenizer, bundle_config,
                  max_new_tokens: int = MAX_NEW_TOKENS):
         from evaluation.samples import read_processed
-        from visual import CLIPImagePreprocessor
+        from visual import load_image_preprocessor
 
         self.trainer = trainer
         self.samples = read_processed(eval_file, limit=n_samples)
         self.max_new_tokens = max_new_tokens
         self.tokenizer = tokenizer
-        self.processor = CLIPImagePreprocessor.from_pretrained(bundle_config.vision_path)
+        self.processor = load_image_preprocessor(bundle_config.vision.path)
         self.bundle_config = bundle_config
 
     def generation_metrics(self, model, batch_size: int) -> dict[str, float]:
@@ -36,7 +36,7 @@ class GenerationEvalCallback(TrainerCallback):
         from inference import LoadedCheckpoint
         from model.bundle import unwrap
 
-        base = unwrap(model)  # the LoRA layers live inside it: generation sees the adapter being trained
+        base = unwrap(model)  # the LoRA layers live inside its language model: generation sees them as trained
         was_training = base.training
         base.eval()
         loaded = LoadedCheckpoint(model=base, tokenizer=self.tokenizer, processor=self.processor,

@@ -20,12 +20,9 @@ SHUFFLE = "each sample asked about the images of another sample of its group, sc
 def _row(sample: EvalSample, prediction: str, source: EvalSample | None = None) -> dict:
     """A predictions-file row; `source`: the sample whose images were shown (its references score the answer).
     The prompt is written as a user types it: `<image>` where an image goes."""
-    from inference import IMAGE_MARK
-    from qwen import IMAGE_TAG
-
     source = source or sample
     row = {"id": sample.id, "language": source.language, "kind": source.kind,
-           "prompt": sample.prompt.replace(IMAGE_TAG, IMAGE_MARK), "images": source.images, "prediction": prediction,
+           "prompt": sample.prompt, "images": source.images, "prediction": prediction,
            "references": source.references}
     if source.answer is not None:
         row["answer"] = source.answer

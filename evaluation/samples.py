@@ -1,7 +1,7 @@
 """What is evaluated: samples read from a processed JSONL or from a predictions file, and the shuffled pairing.
 
 From a processed JSONL (process_image.py's `{"id", "source", "images", "turns"}`), each sample is asked its
-FIRST question (the first user turn, with the images whose tags it holds):
+FIRST question (the first user turn, with the images whose markers it holds):
 - a caption sample (its answer turn has `candidates`: AI Challenger) is scored against all its captions;
 - otherwise the reference is the first answer: a short answer (at most `SHORT_ANSWER_MAX_TOKENS` tokens, like
   the demo's "red" / "左上") is a "qa" sample, scored by normalised exact match; a longer one (LLaVA's
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluation.text import LANGUAGES, detect_language, tokenize
-from qwen import IMAGE_TAG
+from dataprocess.schema import IMAGE_MARKER
 
 SHORT_ANSWER_MAX_TOKENS = 3
 PASSES = ("with_image", "blank", "shuffled")  # how each sample is asked (evaluation.generation)
@@ -40,8 +40,8 @@ class EvalSample:
     id: str
     language: str  # "en" | "zh"
     kind: str  # "caption" (captions, long answers) | "qa" (short answers)
-    prompt: str  # the user text, one image tag per image
-    images: list[str]  # image paths, in tag order
+    prompt: str  # the user text, one `<image>` marker per image
+    images: list[str]  # image paths, in marker order
     references: list[str]
     answer: str | None = None  # qa: the expected answer (the first reference)
     group: str = ""  # samples of one group may swap images in the shuffled control
@@ -88,9 +88,9 @@ def sample_from_processed(row, where: str) -> EvalSample:
             or not isinstance(turns[0].get("content"), str) or not isinstance(turns[1].get("content"), str)):
         _fail(where, "turns must start with a user turn and an assistant turn, each with a string content")
     question, answer_turn = turns[0]["content"], turns[1]
-    n_images = question.count(IMAGE_TAG)
+    n_images = question.count(IMAGE_MARKER)
     if n_images > len(images):
-        _fail(where, f"the first question has {n_images} image tags but the sample has {len(images)} images")
+        _fail(where, f"the first question has {n_images} image markers but the sample has {len(images)} images")
     if "candidates" in answer_turn:
         references, kind = list(answer_turn["candidates"]), "caption"
     else:

@@ -3,7 +3,6 @@ answers) and generating (`generation`: prompts, conversations with images, the o
 infer.py, webui.py, the evaluation and the demo."""
 
 from .generation import (
-    IMAGE_MARK,
     Prompt,
     PromptError,
     StopOnEvent,
@@ -16,7 +15,6 @@ from .generation import (
 from .loading import LoadedCheckpoint, find_checkpoint, load_checkpoint
 
 __all__ = [
-    "IMAGE_MARK",
     "LoadedCheckpoint",
     "Prompt",
     "PromptError",

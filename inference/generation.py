@@ -1,10 +1,10 @@
 """Answering prompts with images: the one generation path used by infer.py, webui.py, the evaluation and the demo.
 
 Prompts are built exactly as in training (`dataset.conversation.build_prompt_ids`: ChatML, user text encoded
-with specials disallowed, each `<|extra_0|>` tag expanded to the image's N placeholder ids), batched with
+as text, each `<image>` marker expanded to the image's N placeholder ids of the LLM's image token), batched with
 left padding and an attention mask from the true lengths, and decoded greedily or by sampling until
-`<|im_end|>`. Generation may only produce ids that exist in the vocabulary (no image placeholders, no ids
-between the tokenizer's last rank and the specials, no padding rows of the embedding matrix).
+`<|im_end|>`. Generation may only produce the ids an answer may hold (`tokenizer.answer_token_ids()`: no image
+placeholders or other special tokens, no padding rows of the embedding matrix).
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
+from dataprocess.schema import IMAGE_MARKER
 from dataset.conversation import build_prompt_ids
 from dataset.dataset import DataCollator
-from qwen import IMAGE_TAG, decode_response, stop_token_ids
-from qwen.chat_format import DEFAULT_MAX_WINDOW_SIZE, answer_token_ids
-
-IMAGE_MARK = "<image>"  # where an image goes in a prompt typed by a user (becomes IMAGE_TAG)
+from qwen.chat_format import DEFAULT_MAX_WINDOW_SIZE
+from qwen.tokenization_qwen import to_id_list
 
 
 class PromptError(ValueError):
@@ -29,16 +28,14 @@ class PromptError(ValueError):
 
 
 def query_with_images(text: str, n_images: int) -> str:
-    """The user text of a typed prompt with one image tag per image: at each `<image>` mark, or all in front
-    (one per line, the layout of training), when there is no mark."""
-    if IMAGE_TAG in text:  # user text never becomes special tokens, and a typed tag would be read as an image slot
-        raise PromptError(f"the prompt contains {IMAGE_TAG}: write {IMAGE_MARK} where an image goes")
-    marks = text.count(IMAGE_MARK)
+    """The user text of a typed prompt with one `<image>` marker per image: where the prompt has them, or all in
+    front (one per line, the layout of training) when it has none."""
+    marks = text.count(IMAGE_MARKER)
     if marks == 0:
-        return "".join(f"{IMAGE_TAG}\n" for _ in range(n_images)) + text
+        return "".join(f"{IMAGE_MARKER}\n" for _ in range(n_images)) + text
     if marks != n_images:
-        raise PromptError(f"the prompt has {marks} {IMAGE_MARK} mark(s) but {n_images} image(s) were given")
-    return text.replace(IMAGE_MARK, IMAGE_TAG)
+        raise PromptError(f"the prompt has {marks} {IMAGE_MARKER} mark(s) but {n_images} image(s) were given")
+    return text
 
 
 class AllowedTokens(LogitsProcessor):
@@ -53,23 +50,31 @@ class AllowedTokens(LogitsProcessor):
 
 
 def allowed_token_mask(tokenizer, vocab_size: int) -> torch.Tensor:
-    """Ordinary BPE tokens plus the three ChatML specials (qwen.chat_format.answer_token_ids); nothing else."""
+    """Ordinary BPE tokens plus the three ChatML stop tokens (`tokenizer.answer_token_ids()`); nothing else."""
     allowed = torch.zeros(vocab_size, dtype=torch.bool)
-    allowed[answer_token_ids(tokenizer)] = True
+    allowed[tokenizer.answer_token_ids()] = True
     return allowed
+
+
+def decode_response(tokenizer, generated_ids) -> str:
+    """Text of an answer from the ids generated after the prompt: up to the first stop id, stripped."""
+    ids = to_id_list(generated_ids)
+    stops = set(tokenizer.stop_token_ids)
+    end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+    return tokenizer.decode(ids[:end]).strip()
 
 
 @dataclass
 class Prompt:
-    query: str  # user text; each image is one `<|extra_0|>` tag (added in front when missing)
+    query: str  # user text; each image is one `<image>` marker (query_with_images adds them in front)
     images: list  # PIL images, one per tag, in order
     history: list[tuple[str, str]] | None = None
 
 
 @dataclass
 class Turn:
-    """One finished exchange of a conversation: the query (image tags in place), its images in tag order, the
-    answer."""
+    """One finished exchange of a conversation: the query (image markers in place), its images in marker order,
+    the answer."""
 
     query: str
     images: list = field(default_factory=list)
@@ -77,7 +82,7 @@ class Turn:
 
 
 def chat_prompt(query: str, images: Sequence, history: Sequence[Turn] = ()) -> Prompt:
-    """The Prompt that asks `query` (with its `images`) after `history`: every image in the order of its tag."""
+    """The Prompt that asks `query` (with its `images`) after `history`: every image in the order of its marker."""
     return Prompt(
         query,
         [image for turn in history for image in turn.images] + list(images),
@@ -112,9 +117,10 @@ def prompt_tensors(prompts: list[Prompt], tokenizer, processor, system: str, num
     """Left-padded input_ids, attention_mask (from lengths) and the concatenated pixel_values of a batch."""
     items = []
     for p in prompts:
-        n_tags = p.query.count(IMAGE_TAG) + sum(q.count(IMAGE_TAG) for q, _ in p.history or [])
-        if n_tags != len(p.images):
-            raise PromptError(f"the prompt has {n_tags} image tag(s) but {len(p.images)} image(s) were given")
+        n_marks = p.query.count(IMAGE_MARKER) + sum(q.count(IMAGE_MARKER) for q, _ in p.history or [])
+        if n_marks != len(p.images):
+            raise PromptError(f"the prompt has {n_marks} {IMAGE_MARKER} mark(s) but {len(p.images)} image(s) were "
+                              "given")
         items.append({
             "input_ids": build_prompt_ids(tokenizer, p.query, p.history or [], system, num_image_tokens),
             "pixel_values": processor(p.images) if p.images else None,
@@ -155,7 +161,7 @@ def generate_answers(
         if pixel_override is not None:
             pixel_values = pixel_override(pixel_values)
         pixel_values = pixel_values.to(device, model.vision_tower.dtype)
-    stops = stop_token_ids(tokenizer)
+    stops = tokenizer.stop_token_ids
     sampling = temperature > 0
     out = model.generate(
         input_ids=input_ids.to(device),

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-from model import BundleConfig, load_vlm
-from model.bundle import BUNDLE_CONFIG_FILE
-from qwen import QWenTokenizer
-from visual import CLIPImagePreprocessor
+from llm import ChatTokenizer, load_tokenizer
+from model import VLMConfig, load_vlm
+from model.config import BUNDLE_CONFIG_FILE
+from visual import ImagePreprocessor, load_image_preprocessor
 
 from .generation import Prompt, StopOnEvent, Turn, fit_history, generate_answers
 
@@ -26,9 +26,9 @@ class LoadedCheckpoint:
     config (system prompt, image token count)."""
 
     model: torch.nn.Module
-    tokenizer: QWenTokenizer
-    processor: CLIPImagePreprocessor
-    config: BundleConfig
+    tokenizer: ChatTokenizer
+    processor: ImagePreprocessor
+    config: VLMConfig
     folder: Path
     device: torch.device
 
@@ -37,12 +37,12 @@ class LoadedCheckpoint:
         return generate_answers(
             self.model, self.tokenizer, self.processor, prompts,
             system=self.config.system_prompt if system is None else system,
-            num_image_tokens=self.config.num_image_tokens, **options,
+            num_image_tokens=self.config.vision.num_image_tokens, **options,
         )
 
     def fit(self, query: str, history: Sequence[Turn], system: str | None = None) -> list[Turn]:
         """`fit_history` with this checkpoint's settings: the newest turns that fit the prompt window."""
-        return fit_history(self.tokenizer, query, history, num_image_tokens=self.config.num_image_tokens,
+        return fit_history(self.tokenizer, query, history, num_image_tokens=self.config.vision.num_image_tokens,
                            system=self.config.system_prompt if system is None else system)
 
     def stream(self, prompt: Prompt, *, system: str | None = None, stop: threading.Event | None = None,
@@ -110,13 +110,14 @@ def load_checkpoint(
     folder = find_checkpoint(folder)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model, config = load_vlm(folder, dtype=dtype, llm_path=llm_path, vision_path=vision_path)
+    recorded_llm, recorded_vision = VLMConfig.load(folder).resolve(folder)
+    tokenizer = load_tokenizer(llm_path or recorded_llm)
+    model, config = load_vlm(folder, dtype=dtype, llm_path=llm_path, vision_path=vision_path, tokenizer=tokenizer)
     model.to(device).eval()
-    recorded_llm, recorded_vision = config.resolve(folder)
     return LoadedCheckpoint(
         model=model,
-        tokenizer=QWenTokenizer.from_pretrained(llm_path or recorded_llm),
-        processor=CLIPImagePreprocessor.from_pretrained(vision_path or recorded_vision),
+        tokenizer=tokenizer,
+        processor=load_image_preprocessor(vision_path or recorded_vision),
         config=config,
         folder=folder,
         device=device,

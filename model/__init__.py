@@ -1,17 +1,20 @@
-"""The multimodal model: projector and QWen with image features spliced in, LoRA, checkpoint bundles, export."""
+"""The multimodal model: the projector and the splice (`modeling_vlm`), built from any pair of backbones
+(`build`), described by one config saved in every bundle (`config`), LoRA, checkpoint bundles, export."""
 
-from .bundle import BundleConfig, build_vlm, bundle_config_for, load_vlm, save_bundle, unwrap
+from .build import build_vlm, vlm_config_for
+from .bundle import load_vlm, save_bundle, unwrap
+from .config import VLMConfig
 from .lora import apply_lora
-from .modeling_vlm import Projector, QWenVLForCausalLM
+from .modeling_vlm import Projector, VisionLanguageModel
 
 __all__ = [
-    "BundleConfig",
     "Projector",
-    "QWenVLForCausalLM",
+    "VLMConfig",
+    "VisionLanguageModel",
     "apply_lora",
     "build_vlm",
-    "bundle_config_for",
     "load_vlm",
     "save_bundle",
     "unwrap",
+    "vlm_config_for",
 ]

@@ -36,7 +36,8 @@ from common.fileio import staged_folder
 from common.paths import created_by, is_within, mark_created
 from qwen.checkpoint import INDEX_FILE, SINGLE_FILE, save_sharded_safetensors
 
-from .bundle import BUNDLE_CONFIG_FILE, PROJECTOR_FILE, BundleConfig, load_vlm
+from .bundle import PROJECTOR_FILE, load_vlm
+from .config import BUNDLE_CONFIG_FILE, VLMConfig
 from .export_llava import write_llava
 
 BASE_FILES = ("config.json", "generation_config.json", "qwen.tiktoken", "tokenizer_config.json")
@@ -111,7 +112,7 @@ def portable_config(source: Path, staging: Path) -> None:
 def _load_merged(checkpoint: Path, output: Path, overwrite: bool):
     """(base QWen folder, CLIP folder, model with LoRA folded in, bundle config) of `checkpoint`, once `output`
     is known to be writable. Merged in fp32, whatever the base dtype, so the fold-in adds no rounding of its own."""
-    llm_path, vision_path = (Path(p) for p in BundleConfig.load(checkpoint).resolve(checkpoint))
+    llm_path, vision_path = (Path(p) for p in VLMConfig.load(checkpoint).resolve(checkpoint))
     check_output(output, {"checkpoint": checkpoint, "base QWen folder": llm_path, "CLIP folder": vision_path},
                  overwrite)
     model, config = load_vlm(checkpoint, dtype=torch.float32, merge_lora=True)
@@ -128,6 +129,10 @@ def export_merged(
     overwrite: bool = False,
 ) -> Path:
     checkpoint, output = Path(checkpoint), Path(output)
+    family = VLMConfig.load(checkpoint).text.family
+    if family != "qwen":
+        raise ValueError(f"--format qwen writes Qwen-7B's official layout, for a QWen v1 language model only; "
+                         f"{checkpoint} was trained on a {family} model: use --format llava")
     llm_path, vision_path, model, config = _load_merged(checkpoint, output, overwrite)
     dtype = dtype or checkpoint_dtype(llm_path)
 
@@ -139,11 +144,7 @@ def export_merged(
                 portable_config(llm_path / name, staging)
             else:
                 shutil.copy2(llm_path / name, staging / name)
-        llm_state = {
-            k: v.to(dtype)
-            for k, v in model.state_dict().items()
-            if not k.startswith(("projector.", "vision_tower."))
-        }
+        llm_state = {k: v.to(dtype) for k, v in model.llm.state_dict().items()}
         save_sharded_safetensors(llm_state, staging, max_shard_bytes=max_shard_bytes)
         shutil.copy2(checkpoint / PROJECTOR_FILE, staging / PROJECTOR_FILE)
         if copy_vision:
@@ -154,7 +155,9 @@ def export_merged(
             for shard in sorted(vision_path.glob("model-*-of-*.safetensors")):
                 shutil.copy2(shard, staging / "vision" / shard.name)
         merged = dataclasses.replace(
-            config, llm_path=".", vision_path="vision" if copy_vision else str(vision_path), merged=True, adapter=False
+            config, text=dataclasses.replace(config.text, path="."),
+            vision=dataclasses.replace(config.vision, path="vision" if copy_vision else str(vision_path)),
+            merged=True, adapter=False,
         )
         merged.save(staging)
         mark_created(staging, CREATED_BY)

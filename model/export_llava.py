@@ -48,7 +48,7 @@ from qwen.tokenization_qwen import ENDOFTEXT, IM_END, VOCAB_FILE_NAME
 from visual.clip_tower import CHECKPOINT_PREFIX, IGNORED_VISION_KEYS, inspect_checkpoint, num_image_tokens
 from visual.images import CLIPImagePreprocessor
 
-from .bundle import BundleConfig
+from .config import VLMConfig
 from .llava_chat_template import chat_template
 from .model_card import model_card
 
@@ -115,7 +115,7 @@ def language_model_tensors(state: dict[str, torch.Tensor], num_layers: int) -> d
 
 
 def projector_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"multi_modal_projector.{name}": state[f"projector.{name}"]
+    return {f"multi_modal_projector.{name}": state[name]
             for name in ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")}
 
 
@@ -222,32 +222,30 @@ def write_processing_files(folder: Path, *, vocab_file: Path, system_prompt: str
     write_json(folder / "generation_config.json", generation_config(QWenTokenizer(vocab_file), vocab_size))
 
 
-def write_llava(folder: Path, model, bundle: BundleConfig, *, checkpoint: Path, llm_path: Path, vision_path: Path,
+def write_llava(folder: Path, model, bundle: VLMConfig, *, checkpoint: Path, llm_path: Path, vision_path: Path,
                 dtype: torch.dtype, max_shard_bytes: int, name: str) -> None:
-    """Write the LLaVA folder of `model` (a QWenVLForCausalLM with its LoRA merged) into the empty `folder`.
+    """Write the LLaVA folder of `model` (a VisionLanguageModel with its LoRA merged) into the empty `folder`.
     ValueError for a model or bundle the LLaVA layout cannot express, before anything is written."""
     qwen = model.config
     if bundle.image_token_id != IMAGE_TOKEN_ID:
         raise ValueError(f"the bundle's image_token_id {bundle.image_token_id} is not {IMAGE_TAG} "
                          f"({IMAGE_TOKEN_ID}), the image tag of our prompts")
     vision_config, vision_tensors = vision_tower_tensors(vision_path)
-    if num_image_tokens(vision_config) != bundle.num_image_tokens:
+    if num_image_tokens(vision_config) != bundle.vision.num_image_tokens:
         raise ValueError(f"{vision_path} gives {num_image_tokens(vision_config)} image tokens, the bundle was trained "
-                         f"with {bundle.num_image_tokens}")
+                         f"with {bundle.vision.num_image_tokens}")
     preprocessor = CLIPImagePreprocessor.from_pretrained(vision_path)
     chat_template(bundle.system_prompt)  # refuses a system prompt it cannot write
-    config = llava_config(qwen, vision_config, vision_feature_layer=bundle.vision_feature_layer, dtype=dtype)
+    config = llava_config(qwen, vision_config, vision_feature_layer=bundle.vision.feature_layer, dtype=dtype)
     if qwen.use_dynamic_ntk or qwen.use_logn_attn:
         print(f"export: warning: max_position_embeddings = seq_length = {qwen.seq_length}. Up to there the export "
               f"computes what QWen computes; past it QWen switches on dynamic NTK rotary scaling and logn attention "
               f"scaling, which Qwen2 does not have, so longer contexts give different (likely worse) outputs.",
               file=sys.stderr)
 
-    state = model.state_dict()
     tensors = {
-        **language_model_tensors({k: v for k, v in state.items() if not k.startswith(("projector.", "vision_tower."))},
-                                 qwen.num_hidden_layers),
-        **projector_tensors(state),
+        **language_model_tensors(model.llm.state_dict(), qwen.num_hidden_layers),
+        **projector_tensors(model.projector.state_dict()),
         **vision_tensors,
     }
     tensors = {key: t.detach().to(dtype) for key, t in tensors.items()}

@@ -1,62 +1,71 @@
-"""LoRA on the LLM (explicit targets, printed), the projector trainable, CLIP frozen."""
+"""LoRA on the language model (explicit targets, printed), the projector trainable, the vision tower frozen.
+
+LoRA wraps the language model alone (`VisionLanguageModel.language_model` becomes a peft model of it), so the
+adapter a bundle holds is an adapter of the plain base LLM: `PeftModel.from_pretrained(llm, bundle)` loads it
+without this project. The default targets are the family's (llm/): QWen v1's c_attn, c_proj, w1, w2; Qwen2 /
+Qwen3's q/k/v/o and gate/up/down projections.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import peft
 import torch
-from torch import nn
 
-from settings import DEFAULT_LORA_TARGETS
-
-# Target names are matched as suffixes of module paths; CLIP's modules are q_proj, k_proj, v_proj, out_proj,
-# fc1, fc2 and the projector's linear_1/linear_2, so nothing outside QWen's blocks matches ours.
-EMBEDDING_MODULES = ("wte", "lm_head")
+from .modeling_vlm import VisionLanguageModel
 
 
 def apply_lora(
-    model: nn.Module,
+    model: VisionLanguageModel,
     *,
     r: int = 64,
     alpha: int = 16,
     dropout: float = 0.05,
-    target_modules: tuple[str, ...] | list[str] = DEFAULT_LORA_TARGETS,
+    target_modules: Sequence[str] | None = None,
     train_embeddings: bool = False,
     verbose: bool = True,
-):
-    """Wrap `model` (a QWenVLForCausalLM) with PEFT LoRA; returns the PeftModel.
+) -> VisionLanguageModel:
+    """Wrap `model.language_model` with PEFT LoRA; returns `model`.
 
-    Only LoRA weights, the projector and, with `train_embeddings`, full copies of `wte`/`lm_head` (needed
-    when starting from the base Qwen-7B, whose ChatML tokens were never trained) require grad afterwards.
+    Only LoRA weights, the projector and, with `train_embeddings`, full copies of the input embeddings and the
+    LM head (needed when starting from a base model, whose ChatML tokens were never trained) require grad
+    afterwards. `target_modules` None: the family's default targets.
     """
-    available = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name.startswith("transformer.h.")}
-    unknown = [t for t in target_modules if t not in available]
+    family = model.text_family
+    targets = list(family.lora_targets if target_modules is None else target_modules)
+    prefix = family.layers + "."
+    available = {name.rsplit(".", 1)[-1] for name, _ in model.llm.named_modules() if name.startswith(prefix)}
+    unknown = [t for t in targets if t not in available]
     if unknown:
-        raise ValueError(f"LoRA target(s) {unknown} match no module of QWen's blocks (available: {sorted(available)})")
+        raise ValueError(f"LoRA target(s) {unknown} match no module of the {family.name} layers "
+                         f"(available: {sorted(available)})")
+    if train_embeddings and model.config.tie_word_embeddings:
+        raise ValueError("lora.train_embeddings with tied input and output embeddings is not supported: the two "
+                         "trained copies would come apart; train with the LoRA alone (an instruct model's chat "
+                         "tokens are already trained)")
     config = peft.LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(target_modules),
-        modules_to_save=list(EMBEDDING_MODULES) if train_embeddings else None,
+        target_modules=targets,
+        modules_to_save=list(family.embedding_modules) if train_embeddings else None,
         bias="none",
         task_type="CAUSAL_LM",
     )
     with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = peft.get_peft_model(model, config)
-    base = peft_model.get_base_model()
-    base.projector.requires_grad_(True)
-    for name, p in peft_model.named_parameters():  # trained copies of wte/lm_head: fp32 master weights too
+        model.language_model = peft.get_peft_model(model.language_model, config)
+    model.projector.requires_grad_(True)
+    for name, p in model.language_model.named_parameters():  # trained embedding copies: fp32 master weights too
         if p.requires_grad and "modules_to_save" in name and p.dtype != torch.float32:
             p.data = p.data.float()
-    if base.vision_tower is not None:
-        base.vision_tower.requires_grad_(False)
+    model.vision_tower.requires_grad_(False)
     if verbose:
         print(f"LoRA targets: {sorted(config.target_modules)} (r={r}, alpha={alpha}, dropout={dropout})"
-              + (f"; full copies trained: {list(EMBEDDING_MODULES)}" if train_embeddings else ""))
-        peft_model.print_trainable_parameters()
-        n_proj = sum(p.numel() for p in base.projector.parameters())
+              + (f"; full copies trained: {list(family.embedding_modules)}" if train_embeddings else ""))
+        model.language_model.print_trainable_parameters()
+        n_proj = sum(p.numel() for p in model.projector.parameters())
         print(f"projector parameters (trainable, own learning rate): {n_proj:,}")
-    return peft_model
+    return model

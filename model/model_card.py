@@ -97,7 +97,7 @@ def _evaluation_lines(checkpoint: Path) -> list[str]:
 def model_card(*, name: str, checkpoint: Path, bundle, llm_path: Path, vision_path: Path, qwen, vision_config,
                dtype: str, num_parameters: int, weight_files: list[str]) -> str:
     """The README.md text (Markdown with a small YAML header)."""
-    n_tokens = bundle.num_image_tokens
+    n_tokens = bundle.vision.num_image_tokens
     lines = [
         "---",
         "library_name: transformers",
@@ -120,7 +120,7 @@ def model_card(*, name: str, checkpoint: Path, bundle, llm_path: Path, vision_pa
         f"layers, {qwen.num_attention_heads} heads, vocabulary {qwen.vocab_size} rows, seq_length {qwen.seq_length}).",
         f"- Vision tower: `{vision_path.name}` (CLIP ViT: {vision_config.image_size} px, patch "
         f"{vision_config.patch_size}, {vision_config.num_hidden_layers} layers, hidden size "
-        f"{vision_config.hidden_size}); features of hidden layer {bundle.vision_feature_layer}, CLS dropped: "
+        f"{vision_config.hidden_size}); features of hidden layer {bundle.vision.feature_layer}, CLS dropped: "
         f"{n_tokens} image tokens per image.",
         "",
         "## Training",

@@ -1,39 +1,49 @@
-"""QWen that sees: a projector, and `QWenVLForCausalLM`, which subclasses `QWenLMHeadModel` and changes one
-thing, the input embeddings.
+"""An LLM that sees: the projector, and `VisionLanguageModel`, which holds a language model (any family of
+`llm/`), the frozen vision tower and the projector, and changes one thing, the input embeddings.
 
-Each image arrives as N placeholder ids (`config.image_token_id`: `<|extra_0|>`, 151646) that the data
-pipeline put in the prompt. The frozen CLIP tower turns the image into N patch features, the projector maps
-them to the LLM width, and one `masked_scatter` puts them at the placeholder positions. Everything after the
-embeddings is QWen's own forward, unchanged. Text-only samples and batches mixing text-only and image
-samples go through the same path; any number of images per sample works, in order. During generation the
-image is encoded and spliced on the prefill step only.
+Each image arrives as N placeholder ids (`image_token_id`, the LLM's reserved image token) that the data
+pipeline put in the prompt. The tower turns the image into N patch features, the projector maps them to the
+LLM's width, and one `masked_scatter` puts them at the placeholder positions. Everything after the embeddings is
+the LLM's own forward, unchanged. Text-only samples and batches mixing text-only and image samples go through
+the same path; any number of images per sample works, in order. In generation the images are encoded and
+spliced on the prefill step only: `generate` hands the spliced embeddings to the LLM's own `generate`, which
+uses them for the prompt and its own embeddings for every new token.
 
-Names: `patch_features` are the tower's output before the projector ([n_images, N, vision_hidden]; what
-the feature cache stores), `image_embeds` the projected ones ([n_images, N, llm_hidden]).
+The language model is used through the interface every transformers causal LM has: `get_input_embeddings()`,
+`get_decoder()` (embeddings to hidden states), `get_output_embeddings()` (the LM head), `generate()`. LoRA wraps
+the language model alone (model/lora.py), so the adapter a bundle holds is an adapter of the plain LLM.
+
+Names: `patch_features` are the tower's output before the projector ([n_images, N, vision_hidden]; what the
+feature cache stores), `image_embeds` the projected ones ([n_images, N, llm_hidden]).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from qwen import QWenConfig, QWenLMHeadModel
+from common.loss import normalise_loss, supervised_token_losses
 
 
 class Projector(nn.Module):
-    """The bridge from CLIP patch features to the LLM's embedding space: Linear -> GELU -> Linear,
+    """The bridge from patch features to the LLM's embedding space: Linear -> GELU -> Linear,
     [..., vision_hidden] -> [..., llm_hidden].
 
     Its own init (small normal weights, zero biases) so that projected features start at the scale of
-    word embeddings (Qwen-7B's are about 0.02 per coordinate) instead of the default kaiming scale.
-    The weights stay fp32 (trainable master weights); bf16 compute comes from autocast.
+    word embeddings (Qwen-7B's are about 0.02 per coordinate) instead of the default kaiming scale; the layers
+    are built without their default init, so that building a projector draws the random numbers of this init
+    and nothing else. The weights stay fp32 (trainable master weights); bf16 compute comes from autocast.
     """
 
     def __init__(self, vision_hidden_size: int, llm_hidden_size: int, init_std: float = 0.02):
         super().__init__()
-        self.linear_1 = nn.Linear(vision_hidden_size, llm_hidden_size)
+        self.linear_1 = skip_init(nn.Linear, vision_hidden_size, llm_hidden_size)
         self.act = nn.GELU()
-        self.linear_2 = nn.Linear(llm_hidden_size, llm_hidden_size)
+        self.linear_2 = skip_init(nn.Linear, llm_hidden_size, llm_hidden_size)
         self.init_std = init_std
         self.reset_parameters()
 
@@ -47,39 +57,88 @@ class Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(patch_features)))
 
 
-class QWenVLForCausalLM(QWenLMHeadModel):
-    # The LLM checkpoint has no projector: it starts from its own init, and the strict loader knows to expect that.
-    _keys_to_ignore_on_load_missing = [r"^projector\."]
+@dataclass
+class VLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `row_loss_sums` [B]: each row's summed (not averaged) token losses, given
+    with `return_row_loss_sums=True`, so that an evaluation can weigh every supervised token the same."""
 
-    def __init__(self, config: QWenConfig):
-        super().__init__(config)
-        for name in ("vision_hidden_size", "image_token_id"):
-            if not hasattr(config, name):
-                raise ValueError(f"QWenVLForCausalLM needs config.{name} (set by model.build_vlm)")
-        self.image_token_id = config.image_token_id
-        self.projector = Projector(config.vision_hidden_size, config.hidden_size)
-        self.vision_tower: nn.Module | None = None  # attached after loading; frozen; never saved with the LLM
-        self.post_init()
+    row_loss_sums: torch.Tensor | None = None
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, Projector):
-            module.reset_parameters()
-        else:
-            super()._init_weights(module)
 
-    def attach_vision_tower(self, tower: nn.Module) -> None:
-        if tower.hidden_size != self.config.vision_hidden_size:
+class VisionLanguageModel(nn.Module):
+    """`language_model` (a causal LM, or a peft model of one) + frozen `vision_tower` + a fresh fp32 projector.
+
+    The Trainer sees a plain module whose forward takes the batch keys (`input_ids`, `attention_mask`, `labels`,
+    `pixel_values` or `patch_features`) and returns `.loss`; `config` is the language model's config.
+    """
+
+    # forward takes `num_items_in_batch` and normalises the loss by it: the Trainer then weighs every supervised
+    # token equally across gradient-accumulation steps and ranks (and does not divide by the steps again).
+    accepts_loss_kwargs = True
+
+    def __init__(self, language_model: nn.Module, vision_tower: nn.Module, *, image_token_id: int):
+        super().__init__()
+        self.language_model = language_model
+        self.projector = Projector(vision_tower.hidden_size, language_model.config.hidden_size)
+        self.vision_tower = vision_tower  # frozen; never saved with the trainable weights
+        self.image_token_id = image_token_id
+
+    # ------------------------------------------------------------------ the parts
+
+    @property
+    def config(self):
+        """The language model's config (hidden size, vocabulary rows): what the Trainer, generation and DeepSpeed
+        read. The multimodal description is the bundle's `model.config.VLMConfig`."""
+        return self.language_model.config
+
+    @property
+    def llm(self) -> nn.Module:
+        """The causal LM itself (inside its peft wrapper when LoRA is applied)."""
+        lm = self.language_model
+        return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self.language_model, "peft_config")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def merge_adapter(self) -> None:
+        """Fold the LoRA adapter into the language model's weights (a plain causal LM again)."""
+        if self.has_adapter:
+            self.language_model = self.language_model.merge_and_unload()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False) -> None:
+        """Activation checkpointing of the language model's layers, always non-reentrant, so that it is correct by
+        construction: reentrant checkpointing needs an input that requires grad (with frozen embeddings a text-only
+        batch would give a loss without a graph) and under DDP marks LoRA weights ready twice."""
+        kwargs = dict(activation_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant", False):
             raise ValueError(
-                f"vision tower width {tower.hidden_size} != config.vision_hidden_size {self.config.vision_hidden_size}"
+                "activation checkpointing with use_reentrant=True is not supported (reentrant checkpointing loses the "
+                "graph of text-only batches with frozen embeddings and breaks DDP with LoRA): leave use_reentrant out"
             )
-        self.vision_tower = tower
+        kwargs["use_reentrant"] = False
+        self.llm.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.llm.is_activation_checkpointing
 
     # ------------------------------------------------------------------ the one change: the embeddings
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n_images, 3, H, W] -> frozen CLIP patch features [n_images, N, vision_hidden] (no grad)."""
-        if self.vision_tower is None:
-            raise RuntimeError("no vision tower attached: build the model with model.build_vlm / load_vlm")
+        """[n_images, 3, H, W] -> frozen patch features [n_images, N, vision_hidden] (no grad)."""
         return self.vision_tower(pixel_values)
 
     def embed_inputs(
@@ -87,17 +146,16 @@ class QWenVLForCausalLM(QWenLMHeadModel):
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
         patch_features: torch.Tensor | None = None,
-        decoding: bool = False,
     ) -> torch.Tensor:
         """Token embeddings with the projected image features at the placeholder positions. [B, T, hidden]
 
         `patch_features` are precomputed tower outputs [n_images, N, vision_hidden] (the feature cache);
         `pixel_values` are encoded here. Raises ValueError when placeholders and feature rows disagree.
         """
-        embeds = self.get_input_embeddings()(input_ids)  # [B, T, hidden]
+        embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, hidden]
         is_image = input_ids == self.image_token_id  # [B, T]
         if pixel_values is None and patch_features is None:
-            if not decoding and bool(is_image.any()):
+            if bool(is_image.any()):
                 raise ValueError(
                     f"the input has {int(is_image.sum())} image placeholder tokens but no images were given"
                 )
@@ -114,6 +172,8 @@ class QWenVLForCausalLM(QWenLMHeadModel):
         image_embeds = self.projector(patch_features.to(self.projector.linear_1.weight.dtype))  # [n, N, hidden]
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
+    # ------------------------------------------------------------------ forward and generation
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -121,38 +181,44 @@ class QWenVLForCausalLM(QWenLMHeadModel):
         pixel_values: torch.Tensor | None = None,
         patch_features: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        cache=None,
         inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        past_key_values=None,
-        return_logits: bool | None = None,
-        logits_to_keep: int = 0,
+        num_items_in_batch=None,
+        label_smoothing: float = 0.0,
+        return_row_loss_sums: bool = False,
         **kwargs,
-    ):
-        """QWen's forward on spliced embeddings. With labels, only the loss is computed (no [B, T, vocab]
-        logits) unless `return_logits=True`."""
-        cache = cache if cache is not None else past_key_values
+    ) -> VLMOutput:
+        """With `labels`: the loss from the supervised positions only (`common.loss`: no [B, T, vocab] logits, no
+        KV cache), normalised by `num_items_in_batch` when the Trainer gives it. Without: the language model's
+        own output (logits) on the spliced embeddings; other keyword arguments go to it."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (with image placeholders) or inputs_embeds")
-            decoding = cache is not None and cache.get_seq_length() > 0
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, patch_features, decoding=decoding)
-        if return_logits is None:
-            return_logits = labels is None
-        return super().forward(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            labels=labels,
-            cache=cache,
-            use_cache=use_cache,
-            return_logits=return_logits,
-            logits_to_keep=logits_to_keep,  # generate() asks for the last position only
-            **kwargs,
-        )
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, patch_features)
+        if labels is None:
+            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+            return VLMOutput(logits=out.logits, past_key_values=getattr(out, "past_key_values", None))
+        hidden_states = self.llm.get_decoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # [B, T, hidden]
+        losses, keep = supervised_token_losses(hidden_states, labels, self.llm.get_output_embeddings(),
+                                               label_smoothing)
+        loss = normalise_loss(losses.sum(), keep, num_items_in_batch)
+        row_loss_sums = None
+        if return_row_loss_sums:
+            row_loss_sums = losses.new_zeros(keep.shape).masked_scatter(keep, losses).sum(-1)  # [B]
+        return VLMOutput(loss=loss, row_loss_sums=row_loss_sums)
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
-        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if not is_first_iteration:  # images are spliced on the prefill only
-            inputs.pop("pixel_values", None)
-            inputs.pop("patch_features", None)
-        return inputs
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        patch_features: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """The language model's `generate` on the prompt's spliced embeddings; returns the prompt ids followed by
+        the new ones, as `generate` does for ids."""
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, patch_features)
+        return self.language_model.generate(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                            attention_mask=attention_mask, **kwargs)

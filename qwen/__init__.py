@@ -6,7 +6,7 @@ The model classes import transformers (seconds); they load on first use, so that
 
 from common.lazy import lazy_exports
 
-from .chat_format import DEFAULT_SYSTEM, decode_response, make_context, stop_token_ids
+from .chat_format import DEFAULT_SYSTEM, make_context
 from .tokenization_qwen import IMAGE_TAG, IMAGE_TOKEN_ID, QWenTokenizer
 
 __getattr__ = lazy_exports(__name__, {
@@ -25,7 +25,5 @@ __all__ = [
     "QWenModel",
     "QWenPreTrainedModel",
     "QWenTokenizer",
-    "decode_response",
     "make_context",
-    "stop_token_ids",
 ]

@@ -14,9 +14,8 @@ so text such as "<|im_start|>" typed by a user stays ordinary text.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from qwen.tokenization_qwen import ENDOFTEXT, IM_END, IM_START, SPECIAL_START_ID, QWenTokenizer, to_id_list
+from qwen.tokenization_qwen import ENDOFTEXT, IM_END, IM_START, QWenTokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # Qwen-7B-Chat's default system prompt
 DEFAULT_MAX_WINDOW_SIZE = 6144  # Qwen-7B-Chat's generation_config.json
@@ -24,17 +23,6 @@ STOP_WORDS = (IM_END, IM_START, ENDOFTEXT)
 CHAT_FORMATS = ("chatml", "raw")
 
 History = Sequence[tuple[str, str]]
-
-
-def stop_token_ids(tokenizer: QWenTokenizer) -> list[int]:
-    """Ids that end an assistant answer: `<|im_end|>`, `<|im_start|>`, `<|endoftext|>` (in that order)."""
-    return [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
-
-
-def answer_token_ids(tokenizer: QWenTokenizer) -> list[int]:
-    """Ids an answer may hold: the ordinary BPE tokens and the three stop tokens. Never an `<|extra_N|>` (the image
-    placeholder among them), an id between the last rank and the specials, or a padding row of the embedding."""
-    return [*range(min(len(tokenizer.mergeable_ranks), SPECIAL_START_ID)), *stop_token_ids(tokenizer)]
 
 
 def get_stop_words_ids(chat_format: str, tokenizer: QWenTokenizer) -> list[list[int]]:
@@ -98,11 +86,3 @@ def make_context(
     raw_text = f"{system_text}{turns_text}\n{query_text}\n{IM_START}assistant\n"
     ids = system_ids + turns_ids + nl + query_ids + nl + answer_ids
     return raw_text, ids
-
-
-def decode_response(tokenizer: QWenTokenizer, generated_ids: Any, errors: str = "replace") -> str:
-    """Text of an answer from the ids generated after the prompt: up to the first stop id, stripped."""
-    ids = to_id_list(generated_ids)
-    stops = set(stop_token_ids(tokenizer))
-    end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
-    return tokenizer.decode(ids[:end], errors=errors).strip()

@@ -220,9 +220,35 @@ class QWenTokenizer:
     def im_end_id(self) -> int:
         return self.special_tokens[IM_END]
 
+    # The chat-tokenizer interface every language backbone's tokenizer has (llm/base.py): the data pipeline,
+    # generation and the export use only these members and encode/decode.
+
+    image_token = IMAGE_TAG  # the reserved token each image expands to (its id repeated once per feature row)
+
     @property
-    def image_tag_id(self) -> int:
+    def image_token_id(self) -> int:
         return self.special_tokens[IMAGE_TAG]
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Every special id: `encode_text` never gives one."""
+        return frozenset(self.special_tokens.values())
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end an assistant answer: `<|im_end|>`, `<|im_start|>`, `<|endoftext|>` (in that order)."""
+        return [self.im_end_id, self.im_start_id, self.eod_id]
+
+    def answer_token_ids(self) -> list[int]:
+        """Ids an answer may hold: the ordinary BPE tokens and the three stop tokens. Never an `<|extra_N|>` (the
+        image placeholder among them), an id between the last rank and the specials, or a padding row of the
+        embedding."""
+        return [*range(min(len(self.mergeable_ranks), SPECIAL_START_ID)), *self.stop_token_ids]
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of text that must stay text (every message's content): special-token look-alikes such as
+        "<|im_end|>" typed in it are encoded as ordinary characters."""
+        return self.encode(text, allowed_special=set())
 
     # No pad/eos of its own: both are <|endoftext|>, as in the official generation_config.json.
     eos_token = ENDOFTEXT

@@ -2,10 +2,9 @@
 command-line arguments on top of a config (`settings.training`, which imports transformers)."""
 
 from .loading import Config, ConfigError, build, check_keys, load_config, read_yaml, resolve_path
-from .sections import DEFAULT_LORA_TARGETS, DataConfig, DataSource, DemoConfig, LoraConfig, ModelConfig
+from .sections import DataConfig, DataSource, DemoConfig, LoraConfig, ModelConfig
 
 __all__ = [
-    "DEFAULT_LORA_TARGETS",
     "Config",
     "ConfigError",
     "DataConfig",

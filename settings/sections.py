@@ -15,19 +15,19 @@ from pathlib import Path
 
 from qwen.chat_format import DEFAULT_SYSTEM
 
-# Qwen's own fine-tuning targets: the fused QKV, both output projections (attention and MLP) and the two MLP
-# input projections. Matched as suffixes of module paths inside QWen's blocks only.
-DEFAULT_LORA_TARGETS = ("c_attn", "c_proj", "w1", "w2")
-
 
 @dataclass
 class ModelConfig:
     """The models to build on, and how images reach the LLM. Saved into every checkpoint bundle, except
     projector_path (where the projector started: the bundle holds the trained projector itself)."""
 
-    llm_path: str  # folder of Qwen-7B-Chat (or Qwen-7B): config.json, *.safetensors, qwen.tiktoken
-    vision_path: str  # folder of openai/clip-vit-large-patch14: config.json, weights, preprocessor_config.json
-    vision_feature_layer: int = -2  # hidden_states index of the CLIP layer whose patch features are used
+    # folder of the LLM as published: Qwen-7B(-Chat) (config.json, *.safetensors, qwen.tiktoken), Qwen2.5 or Qwen3
+    # (config.json, *.safetensors, tokenizer.json); its family comes from its config.json model_type (llm/)
+    llm_path: str
+    # folder of the vision tower as published: openai/clip-vit-large-patch14 or google/siglip-so400m-patch14-384
+    # (config.json, weights, preprocessor_config.json); its family from its config.json model_type (visual/)
+    vision_path: str
+    vision_feature_layer: int = -2  # hidden_states index of the tower layer whose patch features are used
     system_prompt: str = DEFAULT_SYSTEM
     # folder whose projector.safetensors starts the instruct stage (an align run's output, or any bundle or
     # checkpoint of the same shapes); default: the align section's output_dir when the config has one
@@ -68,9 +68,12 @@ class LoraConfig:
     lora_r: int = 64
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    # suffixes of module names inside the LLM's layers; None: the LLM family's default (llm/: QWen v1 c_attn, c_proj,
+    # w1, w2; Qwen2 / Qwen3 q/k/v/o_proj and gate/up/down_proj)
+    lora_target_modules: list[str] | None = None
     train_embeddings: bool = field(
-        default=False, metadata={"help": "also train wte and lm_head (needed when starting from base Qwen-7B)"}
+        default=False, metadata={"help": "also train the input embeddings and the LM head (needed when starting "
+                                         "from a base model such as Qwen-7B, whose chat tokens were never trained)"}
     )
 
 

@@ -16,18 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from dataprocess.pipeline import source_name
-from model.bundle import BUNDLE_CONFIG_FILE, PROJECTOR_FILE, BundleConfig, load_projector, unwrap
+from model.bundle import PROJECTOR_FILE, load_projector, unwrap
+from model.config import BUNDLE_CONFIG_FILE, VLMConfig, differences
 from settings import ConfigError
 from settings.sections import DataConfig
 
-# What must agree between the bundle a projector comes from and the model it starts (its input and output sizes
-# and what its input means); the base folders may differ (another machine), which is only noted.
-PROJECTOR_FIELDS = ("vision_feature_layer", "num_image_tokens", "vision_hidden_size", "llm_hidden_size",
-                    "image_token_id")
-
 
 def prepare_align(model, verbose: bool = True):
-    """The align stage's model: `model` (a QWenVLForCausalLM) with every parameter frozen except the projector's;
+    """The align stage's model: `model` (a VisionLanguageModel) with every parameter frozen except the projector's;
     no LoRA is applied. Returns the model."""
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
@@ -51,19 +47,20 @@ def check_projector_folder(folder: str | Path) -> Path:
     return folder
 
 
-def load_start_projector(model, folder: str | Path, current: BundleConfig, verbose: bool = True) -> None:
+def load_start_projector(model, folder: str | Path, current: VLMConfig, verbose: bool = True) -> None:
     """Load the projector of `folder` (an align run's output_dir, or any bundle or checkpoint) into `model` (the
-    QWenVLForCausalLM, or a wrapper), exactly. FileNotFoundError / ValueError, each one line naming the folder."""
+    VisionLanguageModel, or a wrapper), exactly. What the projector's weights mean must agree
+    (`VLMConfig.projector_input`: the tower, its layer and rows, the LLM's width); the base folders may differ
+    (another machine), which is only noted. FileNotFoundError / ValueError, each one line naming the folder."""
     folder = check_projector_folder(folder)
     if (folder / BUNDLE_CONFIG_FILE).is_file():
-        saved = BundleConfig.load(folder)
-        problems = [f"{name}: {getattr(saved, name)!r} there vs {getattr(current, name)!r} now"
-                    for name in PROJECTOR_FIELDS if getattr(saved, name) != getattr(current, name)]
+        saved = VLMConfig.load(folder)
+        problems = differences(saved.projector_input(), current.projector_input())
         if problems:
             raise ValueError(f"model.projector_path: the projector of {folder} was trained for another model: "
                              + "; ".join(problems))
-        recorded = dict(zip(("llm_path", "vision_path"), saved.resolve(folder)))
-        moved = [name for name, path in recorded.items() if Path(path) != Path(getattr(current, name))]
+        moved = [name for name, there, now in zip(("text", "vision"), saved.resolve(folder),
+                                                   (current.text.path, current.vision.path)) if Path(there) != Path(now)]
         if moved and verbose:
             print(f"train.py: note: the projector of {folder} was trained with other base folders ({', '.join(moved)}"
                   "); its shapes fit")

@@ -30,7 +30,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from common.fileio import fsync_file
 from dataset.sampler import LengthGroupedSampler
-from model.bundle import BundleConfig, check_compatible, load_trainable, save_bundle
+from model.bundle import check_compatible, load_trainable, save_bundle
+from model.config import VLMConfig
 
 from .checkpoints import seal_checkpoint, unseal_checkpoint
 
@@ -85,7 +86,7 @@ def unsupported_options(args) -> list[str]:
 
 
 class VLMTrainer(Trainer):
-    def __init__(self, *args, bundle_config: BundleConfig, projector_learning_rate: float, **kwargs):
+    def __init__(self, *args, bundle_config: VLMConfig, projector_learning_rate: float, **kwargs):
         super().__init__(*args, **kwargs)
         if problems := unsupported_options(self.args):
             raise ValueError("; ".join(problems))

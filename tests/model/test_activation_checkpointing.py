@@ -24,7 +24,7 @@ def lora_model(tiny_llm_dir, tiny_clip_dir):
 
 def lora_gradients(lora_model, batch, checkpointing):
     peft_model = copy.deepcopy(lora_model)
-    model = peft_model.get_base_model()
+    model = peft_model
     if checkpointing is not None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
         model.get_input_embeddings()._forward_hooks.clear()  # correct by construction, not thanks to this hook
@@ -50,17 +50,17 @@ def make_batch(n_img, with_image):
 @pytest.mark.parametrize("with_image", [False, True], ids=["text-only", "mixed"])
 @pytest.mark.parametrize("options", [{}, {"preserve_rng_state": True}], ids=["default", "other-options"])
 def test_lora_gradients_equal_without_checkpointing(lora_model, with_image, options):
-    batch = make_batch(lora_model.get_base_model().vision_tower.num_patches, with_image)
+    batch = make_batch(lora_model.vision_tower.num_patches, with_image)
     plain = lora_gradients(lora_model, batch, None)
     checkpointed = lora_gradients(lora_model, batch, options)
     assert set(plain) == set(checkpointed)
-    assert any(".projector." in n for n in plain) == with_image  # a text-only batch leaves the projector alone
+    assert any(n.startswith("projector.") for n in plain) == with_image  # a text-only batch leaves the projector alone
     assert any(float(g.abs().max()) > 0 for n, g in plain.items() if "lora_A" in n)
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_reentrant_checkpointing_is_refused(lora_model):
-    model = copy.deepcopy(lora_model).get_base_model()
+    model = copy.deepcopy(lora_model)
     with pytest.raises(ValueError, match="use_reentrant=True is not supported"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})

@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen.chat_format import (
-    DEFAULT_SYSTEM,
-    STOP_WORDS,
-    answer_token_ids,
-    decode_response,
-    get_stop_words_ids,
-    make_context,
-    stop_token_ids,
-)
+from inference.generation import decode_response
+from qwen.chat_format import DEFAULT_SYSTEM, STOP_WORDS, get_stop_words_ids, make_context
 
 EOD, IM_START, IM_END = 151643, 151644, 151645
 NL = 198  # "\n" in the real vocabulary
@@ -128,8 +121,8 @@ def test_same_layout_with_tiny_vocab(tok_tiny):
 def test_stop_words(tok_real, tok_tiny):
     assert DEFAULT_SYSTEM == "You are a helpful assistant."
     assert STOP_WORDS == ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
-    assert stop_token_ids(tok_real) == [IM_END, IM_START, EOD] == stop_token_ids(tok_tiny)
-    assert [tok_real.encode(w) for w in STOP_WORDS] == [[i] for i in stop_token_ids(tok_real)]
+    assert tok_real.stop_token_ids == [IM_END, IM_START, EOD] == tok_tiny.stop_token_ids
+    assert [tok_real.encode(w) for w in STOP_WORDS] == [[i] for i in tok_real.stop_token_ids]
     assert get_stop_words_ids("chatml", tok_real) == [[IM_END], [IM_START]]
     assert get_stop_words_ids("raw", tok_real) == [tok_real.encode("Human:"), [EOD]]
     with pytest.raises(ValueError, match="chat format"):
@@ -148,6 +141,6 @@ def test_answer_token_ids_are_the_ranks_and_the_three_stops(tok_real, tok_tiny):
     """What generation may produce (infer.py's logits mask, the llava export's suppress_tokens): every rank of the
     vocabulary and <|im_end|>, <|im_start|>, <|endoftext|>; no <|extra_N|> (the image tag <|extra_0|> = 151646)
     and, for a small vocabulary, none of the free ids between its last rank and 151643."""
-    assert answer_token_ids(tok_real) == [*range(151643), IM_END, IM_START, EOD]
+    assert tok_real.answer_token_ids() == [*range(151643), IM_END, IM_START, EOD]
     n = len(tok_tiny.mergeable_ranks)
-    assert n < EOD and answer_token_ids(tok_tiny) == [*range(n), IM_END, IM_START, EOD]
+    assert n < EOD and tok_tiny.answer_token_ids() == [*range(n), IM_END, IM_START, EOD]

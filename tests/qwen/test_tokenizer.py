@@ -135,7 +135,7 @@ def test_special_token_ids_and_attributes(tok_real):
     assert (tok_real.eod_id, tok_real.im_start_id, tok_real.im_end_id) == (EOD, IM_START, IM_END)
     assert tok_real.pad_token_id == tok_real.eos_token_id == EOD
     assert IMAGE_TAG == "<|extra_0|>" and IMAGE_TOKEN_ID == 151646
-    assert tok_real.image_tag_id == EXTRA_0
+    assert tok_real.image_token_id == EXTRA_0
     assert tok_real.special_tokens["<|extra_204|>"] == EXTRA_204
     assert len(tok_real) == tok_real.vocab_size == tok_real.n_vocab == 151851
 
@@ -383,7 +383,7 @@ def test_tiny_tokenizer_keeps_special_ids(tok_tiny):
     assert tok_tiny.encode("<|endoftext|><|im_start|><|im_end|><|extra_0|><|extra_204|>") == [
         EOD, IM_START, IM_END, EXTRA_0, EXTRA_204
     ]
-    assert (tok_tiny.eod_id, tok_tiny.im_start_id, tok_tiny.im_end_id, tok_tiny.image_tag_id) == (
+    assert (tok_tiny.eod_id, tok_tiny.im_start_id, tok_tiny.im_end_id, tok_tiny.image_token_id) == (
         EOD, IM_START, IM_END, EXTRA_0
     )
     assert all(i < len(tok_tiny.mergeable_ranks) for i in tok_tiny.encode("<|im_end|>", allowed_special=set()))

@@ -88,7 +88,7 @@ def projector_of(state: dict) -> dict:
 def test_align_trains_the_projector_and_nothing_else(project, align_run, tiny_llm_dir, tiny_clip_dir):
     model, start = align_run["model"], align_run["start"]
     end = model.state_dict()
-    assert not hasattr(model, "peft_config")
+    assert not model.has_adapter
     assert not any("lora" in name.lower() for name, _ in model.named_modules())
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
         "projector.linear_1.weight", "projector.linear_1.bias", "projector.linear_2.weight", "projector.linear_2.bias"]
@@ -96,8 +96,8 @@ def test_align_trains_the_projector_and_nothing_else(project, align_run, tiny_ll
     fresh = build_vlm(tiny_llm_dir, tiny_clip_dir).state_dict()
     assert set(end) == set(fresh)
     others = [k for k in end if not k.startswith("projector.")]
-    assert any(k.startswith("vision_tower.") for k in others) and "transformer.wte.weight" in others
-    assert "lm_head.weight" in others
+    assert any(k.startswith("vision_tower.") for k in others) and "language_model.transformer.wte.weight" in others
+    assert "language_model.lm_head.weight" in others
     for key in others:
         assert torch.equal(end[key], fresh[key]), key
         assert torch.equal(end[key], start[key]), key
@@ -114,7 +114,7 @@ def test_align_trains_the_projector_and_nothing_else(project, align_run, tiny_ll
 
     # the align bundle loads for inference (no adapter): exactly the trained model
     loaded, config = load_vlm(out)
-    assert not config.adapter and not hasattr(loaded, "peft_config")
+    assert not config.adapter and not loaded.has_adapter
     loaded_state = loaded.state_dict()
     assert set(loaded_state) == set(end)
     for key in end:
@@ -125,16 +125,16 @@ def test_align_bundle_answers_through_the_inference_loader(project, align_run, t
     """infer.py's loader takes the bundle without adapter and answers what the trained model answers."""
     from inference import Prompt, generate_answers, load_checkpoint
     from qwen import QWenTokenizer
-    from visual import CLIPImagePreprocessor, load_image
+    from visual import ImagePreprocessor, load_image
 
     checkpoint = load_checkpoint(project / "out" / "align", device="cpu")
     image = load_image(next((project / "raw" / "heldout_images").iterdir()))
-    prompt = Prompt("<|extra_0|>\nWhat colour is the shape?", [image])
+    prompt = Prompt("<image>\nWhat colour is the shape?", [image])
     (answer,) = checkpoint.generate([prompt], max_new_tokens=4)
     (expected,) = generate_answers(
         align_run["model"].eval(), QWenTokenizer.from_pretrained(tiny_llm_dir),
-        CLIPImagePreprocessor.from_pretrained(tiny_clip_dir), [prompt], system=checkpoint.config.system_prompt,
-        num_image_tokens=checkpoint.config.num_image_tokens, max_new_tokens=4)
+        ImagePreprocessor.from_pretrained(tiny_clip_dir), [prompt], system=checkpoint.config.system_prompt,
+        num_image_tokens=checkpoint.config.vision.num_image_tokens, max_new_tokens=4)
     assert answer == expected and expected.strip()  # (not vacuous: the tiny model says something)
 
 
@@ -162,7 +162,7 @@ def test_align_with_activation_checkpointing_takes_the_same_step(project, tmp_pa
     checkpointed = load_file(str(tmp_path / "checkpointed" / "projector.safetensors"))
     for key in plain:
         torch.testing.assert_close(checkpointed[key], plain[key], atol=1e-6, rtol=1e-5, msg=key)
-    assert [run["model"].transformer.gradient_checkpointing for run in recorder.runs] == [False, True]
+    assert [run["model"].llm.transformer.gradient_checkpointing for run in recorder.runs] == [False, True]
     start = projector_of(recorder.runs[0]["start"])
     assert torch.equal(start["linear_1.weight"], projector_of(recorder.runs[1]["start"])["linear_1.weight"])
     assert (plain["linear_1.weight"] - start["linear_1.weight"]).abs().max() > 1e-4
@@ -173,12 +173,12 @@ def test_instruct_starts_from_the_align_projector_exactly(project, align_run, re
     assert code == 0
     (run,) = recorder.runs
     aligned = load_file(str(project / "out" / "align" / "projector.safetensors"))
-    start = projector_of({k.removeprefix("base_model.model."): v for k, v in run["start"].items()})
+    start = projector_of(run["start"])
     assert set(start) == set(aligned)
     for key, value in aligned.items():
         assert torch.equal(start[key], value), key
     model = run["model"]
-    assert hasattr(model, "peft_config")
+    assert model.has_adapter
     assert any("lora_A" in name for name, p in model.named_parameters() if p.requires_grad)
     out = project / "out" / "instruct"
     assert (out / "adapter_model.safetensors").is_file()
@@ -196,7 +196,7 @@ def test_the_projector_path_is_not_applied_when_resuming(project, align_run, rec
     assert code == 0
     assert "not loaded: resuming restores the checkpoint's projector" in capsys.readouterr().out
     # before the Trainer restores the checkpoint, the model holds a fresh projector, not the align run's
-    start = projector_of({k.removeprefix("base_model.model."): v for k, v in recorder.runs[-1]["start"].items()})
+    start = projector_of(recorder.runs[-1]["start"])
     aligned = load_file(str(project / "out" / "align" / "projector.safetensors"))
     assert not torch.equal(start["linear_1.weight"], aligned["linear_1.weight"])
 
@@ -232,9 +232,10 @@ def test_bad_projector_folders_are_one_line_and_exit_2(project, align_run, tmp_p
     other_layer = tmp_path / "other-layer"
     shutil.copytree(project / "out" / "align", other_layer)
     bundle = json.loads((other_layer / "vlm_config.json").read_text())
-    (other_layer / "vlm_config.json").write_text(json.dumps({**bundle, "vision_feature_layer": -1}))
+    bundle["vision"]["feature_layer"] = -1
+    (other_layer / "vlm_config.json").write_text(json.dumps(bundle))
     assert train.main([*config, "--projector_path", str(other_layer)]) == 2
-    assert "vision_feature_layer: -1 there vs -2 now" in error_line(capsys)
+    assert "vision.feature_layer: checkpoint -1 vs now -2" in error_line(capsys)
     assert not (tmp_path / "out").exists()  # nothing written
 
 

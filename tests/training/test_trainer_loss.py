@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dataset import DataCollator
-from model import apply_lora, build_vlm, bundle_config_for
+from model import apply_lora, build_vlm, vlm_config_for
 from settings.training import TrainArguments
 from training.trainer import VLMTrainer, unsupported_options
 
@@ -27,12 +27,11 @@ def lora_model(tiny_llm_dir, tiny_clip_dir):
 
 
 def make_trainer(lora_model, tmp_path, eval_dataset=None, **options):
-    base = lora_model.get_base_model()
     args = TrainArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True,
                           per_device_eval_batch_size=2, **options)
     return VLMTrainer(
         model=lora_model, args=args, eval_dataset=eval_dataset, data_collator=DataCollator(pad_token_id=PAD),
-        bundle_config=bundle_config_for(base, "llm", "clip", "system"), projector_learning_rate=1e-3,
+        bundle_config=vlm_config_for(lora_model, "llm", "clip", "system"), projector_learning_rate=1e-3,
     )
 
 

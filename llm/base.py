@@ -1,0 +1,69 @@
+"""What the project needs to know about a family of language backbones: one `TextFamily` per family file.
+
+A family says which `config.json` model types it loads, how to load the causal LM strictly and its tokenizer
+from a published folder, which modules LoRA targets by default, and which modules are the input embeddings
+and the output head. Everything else (the splice, the loss, generation, LoRA, checkpoints) is shared and works
+through the transformers interface every causal LM has: `get_input_embeddings()`, `get_decoder()` (the stack
+that turns `inputs_embeds` into hidden states), `get_output_embeddings()` (the LM head), `generate()`.
+
+Every family's tokenizer has the same chat-tokenizer interface (`ChatTokenizer`): the data pipeline, generation
+and the exports use only these members.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+class ChatTokenizer(Protocol):
+    """The members of a tokenizer that the project uses (QWen v1's `QWenTokenizer`, Qwen2/3's `Qwen2Tokenizer`)."""
+
+    im_start_id: int  # <|im_start|>
+    im_end_id: int  # <|im_end|>: ends every message, the answer's last supervised token
+    eod_id: int  # <|endoftext|>
+    pad_token_id: int  # padding (the collator builds attention masks from lengths, never from ids)
+    image_token: str  # the reserved token an image expands to (never produced by encode_text)
+    image_token_id: int
+    special_ids: frozenset[int]  # ids encode_text never gives
+    stop_token_ids: list[int]  # <|im_end|>, <|im_start|>, <|endoftext|>
+
+    def encode_text(self, text: str) -> list[int]: ...  # special-token look-alikes stay ordinary text
+    def decode(self, token_ids: Any, skip_special_tokens: bool = False) -> str: ...
+    def answer_token_ids(self) -> list[int]: ...  # the ids an answer may hold: ordinary tokens and stop ids
+
+
+@dataclass(frozen=True)
+class TextFamily:
+    """One family of language backbones (see the module docstring)."""
+
+    name: str  # recorded in checkpoint bundles: "qwen" (QWen v1), "qwen2" (Qwen2 / Qwen2.5 / Qwen3)
+    model_types: tuple[str, ...]  # the config.json model_type values this family loads
+    lora_targets: tuple[str, ...]  # default LoRA targets, matched as suffixes of module names in the layers
+    layers: str  # module path of the decoder layers inside the causal LM ("transformer.h", "model.layers")
+    embedding_modules: tuple[str, ...]  # input embeddings and LM head: trained whole with lora.train_embeddings
+    load_model: Callable[..., torch.nn.Module]  # (folder, dtype) -> the causal LM, every tensor checked
+    load_tokenizer: Callable[[str | os.PathLike], ChatTokenizer]
+
+
+def read_model_type(folder: str | os.PathLike, what: str) -> tuple[str, dict]:
+    """`model_type` and the whole config.json of a model folder; FileNotFoundError / ValueError naming the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} folder not found: {folder} (models load from local folders only)")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} folder {folder} has no config.json")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise ValueError(f"{path} has no model_type: cannot tell which {what} it is")
+    return raw["model_type"], raw
