@@ -11,9 +11,11 @@
   remain), and merges are ordered by the rank of the token they make, which is tiktoken's priority.
   `ignore_merges` takes a piece that is itself a token whole, as tiktoken does;
 - the 208 special tokens at their ids from 151643, as added special tokens matched on NFC-normalised text
-  (our tokenizer NFC-normalises before it looks for them). When the vocabulary has fewer than 151643 ranks
-  (tiny test vocabularies), they are also entered in the model's vocabulary at their ids: the `tokenizers`
-  library would otherwise number added tokens from the end of the vocabulary;
+  (our tokenizer NFC-normalises before it looks for them). Another list of added tokens can be given (Qwen2 /
+  Qwen2.5 / Qwen3 put theirs after the same ranks: `llm.tiny`); it takes the same ids from 151643. When the
+  vocabulary has fewer than 151643 ranks (tiny test vocabularies), the added tokens are also entered in the
+  model's vocabulary at their ids: the `tokenizers` library would otherwise number them from the end of the
+  vocabulary;
 - decoder: byte-level, invalid UTF-8 replaced by U+FFFD (our tokenizer's errors="replace").
 
 Special-token text. `QWenTokenizer.encode(text)` turns special-token text into special ids by default and keeps
@@ -27,6 +29,7 @@ exactly the ids of `encode(text, allowed_special=set())`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
@@ -83,8 +86,28 @@ def rebuild_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
-def build_fast_tokenizer(vocab_file: str | os.PathLike) -> Tokenizer:
-    """A `tokenizers.Tokenizer` with the ids of `QWenTokenizer(vocab_file)` (see the module docstring)."""
+def qwen_special_tokens() -> list[AddedToken]:
+    """Qwen-7B's 208 special tokens in id order, special and matched on NFC-normalised text (as QWenTokenizer)."""
+    return [AddedToken(token, special=True, normalized=True) for token in SPECIAL_TOKENS]
+
+
+def build_fast_tokenizer(vocab_file: str | os.PathLike, added_tokens: Sequence[AddedToken] | None = None, *,
+                         ignore_merges: bool = True) -> Tokenizer:
+    """A `tokenizers.Tokenizer` with the ids of `QWenTokenizer(vocab_file)` (see the module docstring).
+
+    `added_tokens` are the tokens that follow the ranks, numbered in order from id 151643 whatever the size of
+    the vocabulary file (default: Qwen-7B's 208 special tokens, `qwen_special_tokens()`); Qwen2 / Qwen2.5 /
+    Qwen3 add their own list after the same ranks (llm/tiny.py). `ignore_merges=False` makes the BPE model
+    apply merges to a piece that is itself a token (the Qwen2 files' setting); the ids are the same either way
+    on the real vocabulary, as every token is the result of BPE on its own bytes (tests/model/test_export_llava.py,
+    tests/llm/test_qwen2_tokenizer.py).
+    Raises ValueError if an added token is also an ordinary token or is listed twice.
+    """
+    if added_tokens is None:
+        added_tokens = qwen_special_tokens()
+    added_ids = {token.content: SPECIAL_START_ID + i for i, token in enumerate(added_tokens)}
+    if len(added_ids) != len(added_tokens):
+        raise ValueError(f"an added token is listed twice: {[t.content for t in added_tokens]}")
     ranks = load_tiktoken_ranks(vocab_file)
     alphabet = byte_level_alphabet()
 
@@ -92,12 +115,15 @@ def build_fast_tokenizer(vocab_file: str | os.PathLike) -> Tokenizer:
         return "".join(alphabet[b] for b in token)
 
     vocab = {spell(token): rank for token, rank in ranks.items()}
-    if len(ranks) != SPECIAL_START_ID:  # ids left free below the specials: keep the specials at their ids
-        vocab.update(SPECIAL_TOKENS)
+    clashes = sorted(set(added_ids) & set(vocab))
+    if clashes:
+        raise ValueError(f"added tokens {clashes[:3]} are also ordinary tokens of {vocab_file}")
+    if len(ranks) != SPECIAL_START_ID:  # ids left free below the added tokens: keep them at their ids
+        vocab.update(added_ids)
     merges = [(spell(a), spell(b)) for a, b in rebuild_merges(ranks)]
-    tokenizer = Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, ignore_merges=True, byte_fallback=False, fuse_unk=False, dropout=None)
-    )
+    tokenizer = Tokenizer(models.BPE(
+        vocab=vocab, merges=merges, ignore_merges=ignore_merges, byte_fallback=False, fuse_unk=False, dropout=None
+    ))
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated", invert=False),
@@ -105,8 +131,9 @@ def build_fast_tokenizer(vocab_file: str | os.PathLike) -> Tokenizer:
     ])
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only; adds no token
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=True) for token in SPECIAL_TOKENS])
-    wrong = {t: tokenizer.token_to_id(t) for t, i in SPECIAL_TOKENS.items() if tokenizer.token_to_id(t) != i}
+    for token in added_tokens:  # one at a time, in id order; only add_special_tokens registers a special token
+        (tokenizer.add_special_tokens if token.special else tokenizer.add_tokens)([token])
+    wrong = {t: tokenizer.token_to_id(t) for t, i in added_ids.items() if tokenizer.token_to_id(t) != i}
     if wrong:
-        raise ValueError(f"special tokens landed on other ids: {dict(list(wrong.items())[:3])}")
+        raise ValueError(f"added tokens landed on other ids: {dict(list(wrong.items())[:3])}")
     return tokenizer
