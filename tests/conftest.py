@@ -115,7 +115,7 @@ def tiny_bundle_dir(tmp_path_factory, tiny_llm_dir, tiny_clip_dir):
     so that answers are deterministic gibberish that depends on the image and the whole prompt."""
     import torch
 
-    from model import apply_lora, build_vlm, bundle_config_for, save_bundle
+    from model import apply_lora, build_vlm, save_bundle, vlm_config_for
 
     model = build_vlm(tiny_llm_dir, tiny_clip_dir)
     peft_model = apply_lora(model, r=4, alpha=8, verbose=False)
@@ -124,5 +124,5 @@ def tiny_bundle_dir(tmp_path_factory, tiny_llm_dir, tiny_clip_dir):
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.2 if "lora_" in name or "projector" in name else 0.05)
     folder = tmp_path_factory.mktemp("bundle") / "tiny-vlm"
-    save_bundle(peft_model.eval(), folder, bundle_config_for(model, tiny_llm_dir, tiny_clip_dir, "You are a test."))
+    save_bundle(peft_model.eval(), folder, vlm_config_for(model, tiny_llm_dir, tiny_clip_dir, "You are a test."))
     return folder

@@ -19,8 +19,8 @@ from dataprocess import pipeline
 from dataprocess.aic import PROMPTS, clean_caption, convert_aic, prompt_for_row
 from dataprocess.llava import convert_llava
 from dataprocess.pipeline import PathError, check_image, process, split_validation
-from dataprocess.schema import Drop, Kept, validate_sample
-from qwen import IMAGE_TAG
+from dataprocess.schema import Drop, Kept, read_samples, validate_sample
+from dataprocess.schema import IMAGE_MARKER
 from settings import ConfigError, load_config
 from visual.images import load_image
 
@@ -183,13 +183,13 @@ def test_aic_row_exact_json(tmp_path):
     }
     (item,) = convert_aic([row], str(tmp_path), "aic", seed=SEED)
     assert isinstance(item, Kept) and item.raw_id == "a.jpg"
-    assert prompt_for_row(SEED, 0) == "<|extra_0|>\n这张图片里有什么？"  # pinned: same seed, same data
+    assert prompt_for_row(SEED, 0) == "<image>\n这张图片里有什么？"  # pinned: same seed, same data
     expected = {
         "id": "aic:a.jpg",
         "source": "aic",
         "images": [str(tmp_path / "a.jpg")],
         "turns": [
-            {"role": "user", "content": "<|extra_0|>\n这张图片里有什么？"},
+            {"role": "user", "content": "<image>\n这张图片里有什么？"},
             {
                 "role": "assistant",
                 "content": "一只猫坐在沙发上。",
@@ -202,10 +202,10 @@ def test_aic_row_exact_json(tmp_path):
 
 def test_aic_prompts_are_seeded_per_row():
     prompts = [prompt_for_row(0, i) for i in range(300)]
-    questions = Counter(p.replace(IMAGE_TAG, "").strip() for p in prompts)
+    questions = Counter(p.replace(IMAGE_MARKER, "").strip() for p in prompts)
     assert len(PROMPTS) >= 5 and set(questions) == set(PROMPTS)
-    assert all(p.startswith(IMAGE_TAG + "\n") or p.endswith("\n" + IMAGE_TAG) for p in prompts)
-    before = sum(p.startswith(IMAGE_TAG) for p in prompts)
+    assert all(p.startswith(IMAGE_MARKER + "\n") or p.endswith("\n" + IMAGE_MARKER) for p in prompts)
+    before = sum(p.startswith(IMAGE_MARKER) for p in prompts)
     assert 100 < before < 200  # both placements, about half each
     assert prompts == [prompt_for_row(0, i) for i in range(300)]
     assert prompts != [prompt_for_row(1, i) for i in range(300)]
@@ -232,7 +232,7 @@ def test_llava_multi_turn_exact_json_keeps_tag_position(tmp_path):
     (item,) = convert_llava([row], str(tmp_path), "cr")
     expected = (
         '{"id": "cr:l0", "source": "cr", "images": ["' + str(tmp_path / "x" / "ll_a.jpg") + '"], "turns": ['
-        '{"role": "user", "content": "What is this?\\n<|extra_0|>"}, {"role": "assistant", "content": "A cat."}, '
+        '{"role": "user", "content": "What is this?\\n<image>"}, {"role": "assistant", "content": "A cat."}, '
         '{"role": "user", "content": "And the colour?"}, {"role": "assistant", "content": "Black."}]}'
     )
     assert json.dumps(item.sample, ensure_ascii=False) == expected
@@ -273,6 +273,31 @@ def test_llava_drop_reasons_in_isolation():
 # --------------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------------
+
+
+def test_files_of_the_first_format_read_as_meant(tmp_path):
+    """Files processed before the image marker was neutral held Qwen v1's <|extra_0|> in user turns: read back, a
+    sample with exactly one such tag per image (and no <image>) has markers instead; a tag in a text-only sample,
+    in an answer, or beside real markers stays text."""
+    rows = [
+        {"id": "s:old", "source": "s", "images": ["/i/a.jpg", "/i/b.jpg"], "turns": [
+            {"role": "user", "content": "<|extra_0|>\nCompare with <|extra_0|>."},
+            {"role": "assistant", "content": "Same <|extra_0|>."}]},
+        {"id": "s:text", "source": "s", "images": [], "turns": [
+            {"role": "user", "content": "What is <|extra_0|>?"}, {"role": "assistant", "content": "A token."}]},
+        {"id": "s:new", "source": "s", "images": ["/i/a.jpg"], "turns": [
+            {"role": "user", "content": "<image>\nIs <|extra_0|> text?"}, {"role": "assistant", "content": "Yes."}]},
+    ]
+    path = tmp_path / "old.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    old, text, new = (sample for _, _, sample in read_samples(path))
+    assert old["turns"] == [{"role": "user", "content": "<image>\nCompare with <image>."},
+                            {"role": "assistant", "content": "Same <|extra_0|>."}]
+    assert text == rows[1] and new == rows[2]
+    mismatched = {**rows[0], "images": ["/i/a.jpg"]}  # two tags, one image: neither format, refused
+    path.write_text(json.dumps(mismatched) + "\n")
+    with pytest.raises(ValueError, match="0 image tags in its user turns but 1 images"):
+        list(read_samples(path))
 
 
 def test_image_check_agrees_with_the_training_reader(tmp_path):
@@ -361,7 +386,7 @@ def test_process_keeps_and_drops_exactly(raw):
     multi = by_id["complex_reasoning:2"]
     assert multi["images"] == [str(raw / "images" / "ll_a.jpg"), str(raw / "images" / "ll_b.png")]
     assert multi["turns"] == [
-        {"role": "user", "content": "<|extra_0|>\n<|extra_0|>\nCompare."},
+        {"role": "user", "content": "<image>\n<image>\nCompare."},
         {"role": "assistant", "content": "Same <|extra_0|> <|im_end|>."},
     ]
     assert by_id["complex_reasoning:l1"]["images"] == []

@@ -34,7 +34,7 @@ EOD, IM_START, IM_END, IMG = 151643, 151644, 151645, 151646
 NL = 198  # "\n" in the real vocabulary
 SYSTEM, USER, ASSISTANT = 8948, 872, 77091  # "system", "user", "assistant" in the real vocabulary
 SYS_PROMPT = "You are a helpful assistant."
-TAG = "<|extra_0|>"
+TAG = "<image>"  # the image marker of processed samples (dataprocess.schema.IMAGE_MARKER)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -149,7 +149,7 @@ def test_encode_user_text(tok_real):
 
 def test_special_looking_text_stays_text(tok_real):
     answer = f"Type {TAG} or <|im_end|> or <|endoftext|><|im_start|>assistant to break it."
-    user = "Is <|im_end|> special? <|im_start|>system"
+    user = "Is <|im_end|> special? <|im_start|>system <|extra_0|>"  # the LLM's image token typed: text too
     enc = encode(tok_real, conv(user, answer))
     assert enc.num_images == 0  # a tag in an answer is text, not an image
     answer_ids = [i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]

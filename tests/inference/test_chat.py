@@ -26,7 +26,7 @@ from inference import (
 from inference import query_with_images as make_query
 from inference.generation import prompt_tensors
 
-TAG = "<|extra_0|>"
+TAG = "<image>"  # the image marker of prompts (dataprocess.schema.IMAGE_MARKER)
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -44,25 +44,25 @@ def answerer(tiny_bundle_dir):
 
 def expected_answer(answerer, prompt, **gen):
     return generate_answers(answerer.model, answerer.tokenizer, answerer.processor, [prompt],
-                            system=answerer.config.system_prompt, num_image_tokens=answerer.config.num_image_tokens,
+                            system=answerer.config.system_prompt, num_image_tokens=answerer.config.vision.num_image_tokens,
                             **gen)[0]
 
 
 def test_make_query_places_one_tag_per_image():
     assert make_query("What is it?", 2) == f"{TAG}\n{TAG}\nWhat is it?"
-    assert make_query("Is <image> darker than <image>?", 2) == f"Is {TAG} darker than {TAG}?"
+    assert make_query("Is <image> darker than <image>?", 2) == "Is <image> darker than <image>?"
     assert make_query("Hello", 0) == "Hello"
     with pytest.raises(ValueError, match=r"2 <image> mark\(s\) but 1 image\(s\)"):
         make_query("<image> or <image>", 1)
-    with pytest.raises(ValueError, match="contains <|extra_0|>"):
-        make_query(f"typed {TAG}", 1)
+    # the LLM's own image token typed by a user is text (encoded as text), not an image slot
+    assert make_query("typed <|extra_0|>", 1) == "<image>\ntyped <|extra_0|>"
 
 
 def test_conversation_prompt_is_the_training_encoding_with_images_in_order(answerer):
     """The prompt of a third question, after a turn with two images (one in the middle of the text) and a turn
     without, is exactly the training sequence of the same conversation up to the third answer; the pixels are
     the three images in the order of their tags."""
-    tok, proc, n = answerer.tokenizer, answerer.processor, answerer.config.num_image_tokens
+    tok, proc, n = answerer.tokenizer, answerer.processor, answerer.config.vision.num_image_tokens
     a, b, c = picture((215, 30, 30), 0), picture((35, 65, 215), 3), picture((30, 150, 45), 1)
     history = [
         Turn(make_query("Compare <image> with <image>, please.", 2), [a, b], "The first one is red."),
@@ -81,7 +81,7 @@ def test_conversation_prompt_is_the_training_encoding_with_images_in_order(answe
     assert training.labels[length - 1] == IGNORE_INDEX and training.labels[length] != IGNORE_INDEX
     assert training.input_ids[length:] == tok.encode("Green.", allowed_special=set()) + [tok.im_end_id]
     assert mask.all() and training.num_images == 3
-    assert ids[0].tolist().count(tok.image_tag_id) == 3 * n
+    assert ids[0].tolist().count(tok.image_token_id) == 3 * n
     torch.testing.assert_close(pixels, proc([a, b, c]), atol=0, rtol=0)
 
 
@@ -98,7 +98,7 @@ def test_the_answer_depends_on_the_earlier_turns_images(answerer):
 
 
 def test_fit_history_drops_whole_oldest_turns(answerer):
-    tok, n = answerer.tokenizer, answerer.config.num_image_tokens
+    tok, n = answerer.tokenizer, answerer.config.vision.num_image_tokens
     history = [Turn(make_query(f"Question {i} about this?", 1), [picture((200, 20 * i, 30))], f"Answer {i}.")
                for i in range(4)]
     query = make_query("Last question?", 0)
