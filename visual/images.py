@@ -1,4 +1,4 @@
-"""Images, the same way everywhere: reading a file into an RGB picture, and CLIP's preprocessing.
+"""Images, the same way everywhere: reading a file into an RGB picture, and each tower's preprocessing.
 
 Reading (`load_image`): any mode becomes RGB: transparency is composited onto white (LLaVA's plain
 `convert("RGB")` turns transparent pixels black), 16-bit and 32-bit greyscale are rescaled to 8 bits
@@ -6,24 +6,26 @@ instead of clipped, CMYK and palettes go through Pillow's own conversion. The EX
 applied, so a phone photo stored sideways is seen upright. A file that is missing, not an image, or
 truncated raises `ImageLoadError` naming the file and the reason.
 
-Preprocessing (`CLIPImagePreprocessor`), in PIL + numpy: one implementation for training and inference.
-transformers picks a different backend for `CLIPImageProcessor` depending on whether torchvision is
-installed, and the two differ by up to 0.028 per value; this module does the math itself, so the pixels a
-model was trained on are the pixels it sees at inference, on any machine. The steps and their rounding
-follow transformers' PIL backend (`CLIPImageProcessorPil`) exactly:
+Preprocessing (`ImagePreprocessor`), in PIL + numpy: one implementation for training and inference, for CLIP
+and SigLIP alike. transformers picks a different backend for its image processors depending on whether
+torchvision is installed, and the two differ by up to 0.028 per value; this module does the math itself, so
+the pixels a model was trained on are the pixels it sees at inference, on any machine. The steps and their
+rounding follow transformers' PIL backend (`CLIPImageProcessorPil`, `SiglipImageProcessorPil`) exactly:
 
-1. resize so that the shortest edge equals `size` (the long edge is `int(size * long / short)`),
-   on the 8-bit RGB image, with the configured PIL filter (bicubic for CLIP);
-2. centre crop to `crop_size` (top/left offsets floor((dim - crop) / 2); zero padding if smaller);
+1. resize, on the 8-bit RGB image, with the configured PIL filter (bicubic for both): CLIP makes the
+   shortest edge `size` (the long edge is `int(size * long / short)`); SigLIP resizes to exactly
+   (height, width), the aspect ratio not kept;
+2. centre crop to `crop_size` (CLIP only; top/left offsets floor((dim - crop) / 2); zero padding if smaller);
 3. rescale: uint8 -> float64 * rescale_factor (1/255) -> float32;
-4. normalise in float32: (x - mean) / std;
+4. normalise in float32: (x - mean) / std (OpenAI's mean/std for CLIP, 0.5 for SigLIP);
 5. HWC -> CHW.
 
-`CLIPImagePreprocessor.from_pretrained(dir)` reads `preprocessor_config.json` in the old format of
-openai/clip-vit-large-patch14 (`"size": 224`, `"crop_size": 224`) or the newer one
-(`{"shortest_edge": 224}`, `{"height": 224, "width": 224}`, `do_rescale`, `rescale_factor`,
-`do_convert_rgb`). A key that would change the result in a way not implemented here, or a key we
-do not know, is a ValueError naming the key and the file.
+`ImagePreprocessor.from_pretrained(dir)` reads `preprocessor_config.json`: CLIP's in the old format of
+openai/clip-vit-large-patch14 (`"size": 224`, `"crop_size": 224`) or the newer one (`{"shortest_edge": 224}`,
+`{"height": 224, "width": 224}`, `do_rescale`, `rescale_factor`, `do_convert_rgb`), or SigLIP's
+(`"image_processor_type": "SiglipImageProcessor"`, `"size": {"height": 384, "width": 384}`). A key that would
+change the result in a way not implemented here, or a key we do not know, is a ValueError naming the key and
+the file. `CLIPImagePreprocessor` is the same class under its former name.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -127,12 +129,14 @@ def load_image(path: str | os.PathLike, draft_size: tuple[int, int] | None = Non
 
 
 # --------------------------------------------------------------------------------------------------
-# CLIP preprocessing
+# Preprocessing (CLIP's and SigLIP's)
 # --------------------------------------------------------------------------------------------------
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)  # transformers' IMAGENET_STANDARD_MEAN, SiglipImageProcessor's default
+SIGLIP_STD = (0.5, 0.5, 0.5)
 
 # Keys that only describe the file (which class wrote it) and do not affect the pixels.
 METADATA_KEYS = {"feature_extractor_type", "image_processor_type", "processor_class", "image_seq_length"}
@@ -151,10 +155,15 @@ NEUTRAL_VALUES = {
 
 
 @dataclass(frozen=True)
-class CLIPImagePreprocessor:
-    """PIL images -> normalised float32 pixel tensors [N, 3, crop_height, crop_width]."""
+class ImagePreprocessor:
+    """PIL images -> normalised float32 pixel tensors [N, 3, height, width].
 
-    size: int = 224  # shortest edge after resizing
+    `size` is the resize: an int resizes the shortest edge to it, keeping the aspect ratio (CLIP); a (height,
+    width) pair resizes to exactly that, aspect ratio not kept (SigLIP). The defaults are
+    openai/clip-vit-large-patch14's; `from_pretrained` gives any folder's own settings.
+    """
+
+    size: int | tuple[int, int] = 224  # shortest edge, or (height, width) exactly
     crop_size: tuple[int, int] = (224, 224)  # (height, width)
     resample: int = Image.Resampling.BICUBIC.value
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
@@ -172,9 +181,12 @@ class CLIPImagePreprocessor:
         if isinstance(self.crop_size, int):
             object.__setattr__(self, "crop_size", (self.crop_size, self.crop_size))
         object.__setattr__(self, "crop_size", tuple(int(v) for v in self.crop_size))
+        if not isinstance(self.size, int):
+            object.__setattr__(self, "size", tuple(int(v) for v in self.size))
         object.__setattr__(self, "image_mean", _three_floats(self.image_mean, "image_mean"))
         object.__setattr__(self, "image_std", _three_floats(self.image_std, "image_std"))
-        if self.size <= 0 or min(self.crop_size) <= 0 or len(self.crop_size) != 2:
+        sizes = (self.size,) if isinstance(self.size, int) else self.size
+        if len(sizes) not in (1, 2) or min(sizes) <= 0 or len(self.crop_size) != 2 or min(self.crop_size) <= 0:
             raise ValueError(f"size {self.size} and crop_size {self.crop_size} must be positive")
         if self.resample not in {r.value for r in Image.Resampling}:
             raise ValueError(f"resample {self.resample!r} is not a PIL resampling filter (0..5)")
@@ -187,27 +199,34 @@ class CLIPImagePreprocessor:
     # Construction from a checkpoint folder -------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, checkpoint_dir: str | os.PathLike) -> CLIPImagePreprocessor:
-        """Read `preprocessor_config.json` of a local checkpoint folder (old or new format)."""
+    def from_pretrained(cls, checkpoint_dir: str | os.PathLike) -> ImagePreprocessor:
+        """Read `preprocessor_config.json` of a local checkpoint folder (CLIP's, old or new format, or SigLIP's)."""
         path = Path(checkpoint_dir) / PREPROCESSOR_CONFIG
         if not Path(checkpoint_dir).is_dir():
             raise FileNotFoundError(f"checkpoint folder {checkpoint_dir} does not exist")
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} is missing (the CLIP checkpoint folder must have {PREPROCESSOR_CONFIG})"
+                f"{path} is missing (the vision checkpoint folder must have {PREPROCESSOR_CONFIG})"
             )
         with open(path) as f:
             try:
                 raw = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON ({e})") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} is not a JSON object")
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "<dict>") -> CLIPImagePreprocessor:
-        """Interpret a preprocessor config dict; `source` names the file in error messages."""
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> ImagePreprocessor:
+        """Interpret a preprocessor config dict; `source` names the file in error messages.
+
+        The processor type (`image_processor_type`, or `feature_extractor_type` in old files; CLIP's when
+        neither is given) decides the defaults of the keys the file leaves out and the form `size` must take.
+        """
+        kind = _processor_kind(raw, source)
         own = {f.name for f in fields(cls) if f.init}
-        kwargs = {}
+        kwargs = dict(kind.defaults)
         for key, value in raw.items():
             if key in METADATA_KEYS:
                 continue
@@ -222,7 +241,7 @@ class CLIPImagePreprocessor:
                     f"{source}: unknown key {key!r}; refusing to guess how it changes the pixels"
                 )
             if key == "size":
-                value = _shortest_edge(value, source)
+                value = kind.parse_size(value, source)
             elif key == "crop_size":
                 value = _height_width(value, source)
             elif key == "resample" and not (isinstance(value, int) and not isinstance(value, bool)):
@@ -232,16 +251,56 @@ class CLIPImagePreprocessor:
             kwargs[key] = value
         return cls(**kwargs)
 
-    # The math ------------------------------------------------------------------------------------------
+    def to_transformers_config(self) -> dict:
+        """The preprocessor_config.json settings with which transformers' image processor of the matching type
+        (CLIPImageProcessor for a shortest-edge resize, SiglipImageProcessor for an exact one) gives these
+        pixels; `from_dict` reads them back to an equal preprocessor."""
+        exact = self.resizes_exactly
+        height, width = self.crop_size
+        return {
+            "image_processor_type": "SiglipImageProcessor" if exact else "CLIPImageProcessor",
+            "do_convert_rgb": self.do_convert_rgb,
+            "do_resize": self.do_resize,
+            "size": {"height": self.size[0], "width": self.size[1]} if exact else {"shortest_edge": self.size},
+            "resample": self.resample,
+            "do_center_crop": self.do_center_crop,
+            "crop_size": {"height": height, "width": width},
+            "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
+
+    # Geometry ------------------------------------------------------------------------------------------
+
+    @property
+    def resizes_exactly(self) -> bool:
+        """True when `size` is a (height, width) to resize to, aspect ratio not kept (SigLIP's resize)."""
+        return not isinstance(self.size, int)
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of every output image, or None when it depends on the input's shape."""
+        if self.do_center_crop:
+            return self.crop_size
+        if self.do_resize and self.resizes_exactly:
+            return self.size
+        return None
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) after resizing the shortest edge to `size`, rounded like the reference."""
+        """(width, height) after resizing, rounded like the reference: exactly `size`, or the shortest edge
+        made `size` (the long edge floored)."""
+        if self.resizes_exactly:
+            return self.size[1], self.size[0]
         if width <= height:
             return self.size, int(self.size * height / width)
         return int(self.size * width / height), self.size
 
+    # The math ------------------------------------------------------------------------------------------
+
     def preprocess_image(self, image: Image.Image) -> np.ndarray:
-        """One PIL image -> float32 array [3, crop_height, crop_width]."""
+        """One PIL image -> float32 array [3, height, width]."""
         if image.mode != "RGB":
             if not self.do_convert_rgb:
                 raise ValueError(f"image mode {image.mode} is not RGB and do_convert_rgb is False")
@@ -269,13 +328,17 @@ class CLIPImagePreprocessor:
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
             raise ValueError(
-                f"preprocessed images differ in shape {sorted(shapes)}; enable resize and centre crop"
+                f"preprocessed images differ in shape {sorted(shapes)}; enable a centre crop or an exact resize"
             )
         return torch.from_numpy(np.stack(arrays))
 
     def preprocess_path(self, path: str | os.PathLike) -> torch.Tensor:
         """Image file -> float32 tensor [3, H, W] (EXIF orientation applied; ImageLoadError on a bad file)."""
         return torch.from_numpy(self.preprocess_image(load_image(path)))
+
+
+# The name this class had when it did CLIP's preprocessing only; callers move to ImagePreprocessor.
+CLIPImagePreprocessor = ImagePreprocessor
 
 
 def _center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
@@ -304,6 +367,15 @@ def _shortest_edge(value, source: str) -> int:
     raise ValueError(f"{source}: size={value!r} is not supported (only an int or {{'shortest_edge': int}})")
 
 
+def _exact_size(value, source: str) -> tuple[int, int]:
+    """`{"height": 384, "width": 384}` -> (384, 384): SigLIP's resize, to exactly that size."""
+    if isinstance(value, dict) and set(value) == {"height", "width"}:
+        return int(value["height"]), int(value["width"])
+    raise ValueError(
+        f"{source}: size={value!r} is not supported for SigLIP (only {{'height': int, 'width': int}})"
+    )
+
+
 def _height_width(value, source: str) -> tuple[int, int]:
     """`224` (old format) or `{"height": 224, "width": 224}` (new format) -> (224, 224)."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -320,3 +392,33 @@ def _three_floats(value, name: str) -> tuple[float, float, float]:
     if len(value) != 3:
         raise ValueError(f"{name} must have 3 values (RGB), got {value}")
     return value
+
+
+@dataclass(frozen=True)
+class _ProcessorKind:
+    """What a preprocessor_config.json of one transformers processor type means."""
+
+    parse_size: Callable[[object, str], int | tuple[int, int]]
+    defaults: dict  # that class's defaults, for the keys a file leaves out (over ImagePreprocessor's own)
+
+
+# transformers' processor class names ("Fast" and "Pil" backends stripped) -> how to read their files.
+PROCESSOR_KINDS = {
+    "CLIPImageProcessor": _ProcessorKind(_shortest_edge, {}),
+    "CLIPFeatureExtractor": _ProcessorKind(_shortest_edge, {}),
+    "SiglipImageProcessor": _ProcessorKind(_exact_size, {
+        "size": (224, 224), "do_center_crop": False, "image_mean": SIGLIP_MEAN, "image_std": SIGLIP_STD,
+    }),
+}
+
+
+def _processor_kind(raw: dict, source: str) -> _ProcessorKind:
+    """The kind named by `image_processor_type` (or the older `feature_extractor_type`); CLIP's when neither is
+    given, as in the files this project has always read."""
+    name = raw.get("image_processor_type") or raw.get("feature_extractor_type") or "CLIPImageProcessor"
+    kind = PROCESSOR_KINDS.get(str(name).removesuffix("Fast").removesuffix("Pil"))
+    if kind is None:
+        raise ValueError(
+            f"{source}: image processor type {name!r} is not supported (only {', '.join(PROCESSOR_KINDS)})"
+        )
+    return kind

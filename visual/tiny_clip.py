@@ -7,10 +7,8 @@ official key names (`vision_model.embeddings.patch_embedding.weight`, `text_mode
 `preprocessor_config.json` (plain integers for `size`/`crop_size`, bicubic, OpenAI mean/std).
 Tests, CI and the CPU demo use it wherever the real 1.7 GB checkpoint would go.
 
-Weights come from our own seeded generator, not from transformers' initialisers, so the same seed
-gives byte-identical files whatever transformers does to its init code. Linear and convolution
-weights are N(0, 1/fan_in) so activations keep unit scale through the layers; LayerNorms start at
-weight 1, bias 0; biases are 0.
+Weights come from our own seeded generator (visual.tiny_init), not from transformers' initialisers, so the
+same seed gives byte-identical files whatever transformers does to its init code.
 """
 
 from __future__ import annotations
@@ -20,12 +18,12 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from common.fileio import staged_folder
 from common.safetensors_file import save_safetensors
 from visual.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from visual.tiny_init import seeded_state_dict
 
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value the official preprocessor_config.json stores
 
@@ -87,35 +85,22 @@ def random_clip_state_dict(
     """Every tensor of `CLIPModel(config).state_dict()`, drawn from a generator seeded with `seed`."""
     with torch.device("meta"):
         skeleton = CLIPModel(config)  # names, shapes and module types only; no memory, no RNG
-    layer_norm_weights = {
-        f"{name}.weight" for name, module in skeleton.named_modules() if isinstance(module, nn.LayerNorm)
-    }
-    generator = torch.Generator().manual_seed(seed)
-    state_dict = {}
-    for name, meta in sorted(skeleton.state_dict().items()):  # sorted: draw order is part of the seed
-        shape = tuple(meta.shape)
+
+    def special(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor | None:
         if name == "logit_scale":
-            tensor = torch.tensor(LOGIT_SCALE_INIT)
-        elif name in layer_norm_weights:
-            tensor = torch.ones(shape)
-        elif name.endswith(".bias"):
-            tensor = torch.zeros(shape)
-        elif name.endswith("position_embedding.weight"):
+            return torch.tensor(LOGIT_SCALE_INIT)
+        if name.endswith("position_embedding.weight"):
             std = POSITION_EMBEDDING_STD
             if name.startswith("vision_model."):
                 std *= position_embedding_scale
-            tensor = torch.randn(shape, generator=generator) * std
-        elif name.endswith("class_embedding"):
-            tensor = torch.randn(shape, generator=generator) * shape[0] ** -0.5
-        elif name.endswith("token_embedding.weight"):
-            tensor = torch.randn(shape, generator=generator) * POSITION_EMBEDDING_STD
-        else:
-            assert len(shape) in (2, 4), f"no init rule for {name} {shape}"
-            fan_in = int(torch.tensor(shape[1:]).prod())  # Linear [out, in]; Conv2d [out, in, kh, kw]
-            tensor = torch.randn(shape, generator=generator) * fan_in**-0.5
-        assert tensor.dtype == torch.float32, name
-        state_dict[name] = tensor.contiguous()
-    return state_dict
+            return torch.randn(shape, generator=generator) * std
+        if name.endswith("class_embedding"):
+            return torch.randn(shape, generator=generator) * shape[0] ** -0.5
+        if name.endswith("token_embedding.weight"):
+            return torch.randn(shape, generator=generator) * POSITION_EMBEDDING_STD
+        return None
+
+    return seeded_state_dict(skeleton, seed=seed, special=special)
 
 
 def preprocessor_config(image_size: int) -> dict:
