@@ -24,7 +24,7 @@ from demo.synthetic import AIC_TEMPLATES, ATTRIBUTES, COLOURS, POSITIONS, QUESTI
 from qwen import DEFAULT_SYSTEM, QWenConfig, QWenLMHeadModel, make_context
 from qwen.tiny_vocab import DEFAULT_CORPUS
 from settings import DemoConfig
-from visual import CLIPImagePreprocessor
+from visual import ImagePreprocessor
 
 # --------------------------------------------------------------------------------------------------
 # Text pretraining corpus: the demo's questions, about a shape described in words
@@ -231,7 +231,7 @@ def pretrain_clip(clip_dir: Path, demo: DemoConfig, log_every: int = 50) -> list
     end of text are the last two ids, and the end of text, the largest id, is where CLIP pools.
     """
     model = CLIPModel.from_pretrained(clip_dir)
-    processor = CLIPImagePreprocessor.from_pretrained(clip_dir)
+    processor = ImagePreprocessor.from_pretrained(clip_dir)
     items = [Item(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
     captions = [CLIP_PROMPT.format(c=it.colour, s=it.shape, p=it.position).split() for it in items]
     words = {w: i + 1 for i, w in enumerate(sorted({w for caption in captions for w in caption}))}

@@ -104,8 +104,8 @@ class VLMConfig:
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`key: saved vs now` for each key whose values differ."""
-    return [f"{key}: checkpoint {saved[key]!r} vs now {now[key]!r}" for key in now if saved.get(key) != now[key]]
+    """`key: saved vs now` for each key of `now` whose values differ."""
+    return [f"{key}: checkpoint {saved.get(key)!r} vs now {now[key]!r}" for key in now if saved.get(key) != now[key]]
 
 
 def upgrade_first_format(raw: dict[str, Any], where: str) -> dict[str, Any]:

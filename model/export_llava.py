@@ -41,12 +41,11 @@ from transformers import CLIPVisionConfig, LlavaConfig, Qwen2Config
 
 from common.fileio import write_json, write_text
 from qwen import IMAGE_TAG, IMAGE_TOKEN_ID, QWenConfig, QWenTokenizer
-from qwen.chat_format import answer_token_ids, stop_token_ids
 from qwen.checkpoint import save_sharded_safetensors
 from qwen.fast_tokenizer import build_fast_tokenizer
 from qwen.tokenization_qwen import ENDOFTEXT, IM_END, VOCAB_FILE_NAME
 from visual.clip_tower import CHECKPOINT_PREFIX, IGNORED_VISION_KEYS, inspect_checkpoint, num_image_tokens
-from visual.images import CLIPImagePreprocessor
+from visual.images import ImagePreprocessor
 
 from .config import VLMConfig
 from .llava_chat_template import chat_template
@@ -132,7 +131,7 @@ def vision_tower_tensors(vision_path: str | os.PathLike) -> tuple[CLIPVisionConf
     return config, tensors
 
 
-def image_processor_config(preprocessor: CLIPImagePreprocessor) -> dict:
+def image_processor_config(preprocessor: ImagePreprocessor) -> dict:
     """transformers' CLIPImageProcessor settings that do what `preprocessor` does (tested pixel for pixel)."""
     height, width = preprocessor.crop_size
     return {
@@ -155,9 +154,9 @@ def image_processor_config(preprocessor: CLIPImagePreprocessor) -> dict:
 def generation_config(tokenizer: QWenTokenizer, vocab_size: int) -> dict:
     """What `inference.generate_answers` does by default (infer.py without --temperature): greedy, no repetition
     penalty, at most 512 new tokens, our stop ids, and every id our generation may not produce suppressed."""
-    allowed = set(answer_token_ids(tokenizer))
+    allowed = set(tokenizer.answer_token_ids())
     return {
-        "eos_token_id": stop_token_ids(tokenizer),  # <|im_end|>, <|im_start|>, <|endoftext|>
+        "eos_token_id": tokenizer.stop_token_ids,  # <|im_end|>, <|im_start|>, <|endoftext|>
         "pad_token_id": tokenizer.pad_token_id,
         "do_sample": False,
         "repetition_penalty": 1.0,
@@ -206,7 +205,7 @@ def llava_config(qwen: QWenConfig, vision_config: CLIPVisionConfig, *, vision_fe
     )
 
 
-def write_processing_files(folder: Path, *, vocab_file: Path, system_prompt: str, preprocessor: CLIPImagePreprocessor,
+def write_processing_files(folder: Path, *, vocab_file: Path, system_prompt: str, preprocessor: ImagePreprocessor,
                            patch_size: int, model_max_length: int, vocab_size: int) -> None:
     """Everything but the weights and config.json: tokenizer, chat template, processor and generation configs."""
     write_tokenizer_files(folder, vocab_file=vocab_file, model_max_length=model_max_length)
@@ -234,7 +233,7 @@ def write_llava(folder: Path, model, bundle: VLMConfig, *, checkpoint: Path, llm
     if num_image_tokens(vision_config) != bundle.vision.num_image_tokens:
         raise ValueError(f"{vision_path} gives {num_image_tokens(vision_config)} image tokens, the bundle was trained "
                          f"with {bundle.vision.num_image_tokens}")
-    preprocessor = CLIPImagePreprocessor.from_pretrained(vision_path)
+    preprocessor = ImagePreprocessor.from_pretrained(vision_path)
     chat_template(bundle.system_prompt)  # refuses a system prompt it cannot write
     config = llava_config(qwen, vision_config, vision_feature_layer=bundle.vision.feature_layer, dtype=dtype)
     if qwen.use_dynamic_ntk or qwen.use_logn_attn:

@@ -92,6 +92,11 @@ class VisionLanguageModel(nn.Module):
         return self.language_model.config
 
     @property
+    def generation_config(self):
+        """The language model's generation defaults (generation passes every setting explicitly)."""
+        return self.llm.generation_config
+
+    @property
     def llm(self) -> nn.Module:
         """The causal LM itself (inside its peft wrapper when LoRA is applied)."""
         lm = self.language_model
@@ -186,17 +191,16 @@ class VisionLanguageModel(nn.Module):
         label_smoothing: float = 0.0,
         return_row_loss_sums: bool = False,
         **kwargs,
-    ) -> VLMOutput:
+    ):
         """With `labels`: the loss from the supervised positions only (`common.loss`: no [B, T, vocab] logits, no
-        KV cache), normalised by `num_items_in_batch` when the Trainer gives it. Without: the language model's
-        own output (logits) on the spliced embeddings; other keyword arguments go to it."""
+        KV cache), normalised by `num_items_in_batch` when the Trainer gives it: a `VLMOutput`. Without: the language
+        model's own output (logits) on the spliced embeddings; other keyword arguments go to it."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (with image placeholders) or inputs_embeds")
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, patch_features)
         if labels is None:
-            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
-            return VLMOutput(logits=out.logits, past_key_values=getattr(out, "past_key_values", None))
+            return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         hidden_states = self.llm.get_decoder()(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state  # [B, T, hidden]

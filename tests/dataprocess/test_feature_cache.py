@@ -82,14 +82,14 @@ def loss_and_grads(model, batch):
 def test_cached_features_give_the_same_loss_and_gradients_as_pixels(project, tiny_llm_dir, tiny_clip_dir, monkeypatch):
     from dataset import DataCollator, SupervisedDataset
     from qwen import QWenTokenizer
-    from visual import CLIPImagePreprocessor
+    from visual import load_image_preprocessor
 
     model = build_model(tiny_llm_dir, tiny_clip_dir)
     tokenizer = QWenTokenizer.from_pretrained(tiny_llm_dir)
-    common = dict(num_image_tokens=model.get_base_model().vision_tower.num_patches, system="You are a helpful assistant.",
+    common = dict(num_image_tokens=model.vision_tower.num_patches, system="You are a helpful assistant.",
                   max_length=256, seed=0)
     train_file = project / "data" / "train.jsonl"
-    pixels = SupervisedDataset(train_file, tokenizer, CLIPImagePreprocessor.from_pretrained(tiny_clip_dir), **common)
+    pixels = SupervisedDataset(train_file, tokenizer, load_image_preprocessor(tiny_clip_dir), **common)
     cache = FeatureCache(project / "data" / "features")
     cached = SupervisedDataset(train_file, tokenizer, None, feature_loader=cache, **common)
     collate = DataCollator(pad_token_id=tokenizer.pad_token_id)
@@ -104,7 +104,7 @@ def test_cached_features_give_the_same_loss_and_gradients_as_pixels(project, tin
     assert all(g.abs().sum() > 0 for g in pixel_grads.values())  # every gradient compared is a live one
     # The cache holds each image's features in its row. fp32 CPU matmuls round differently for another number
     # of images per call (the cache was computed 16 at a time, the model encodes these 2): ~1e-7 relative.
-    tower_features = model.get_base_model().vision_tower(pixel_batch["pixel_values"])
+    tower_features = model.vision_tower(pixel_batch["pixel_values"])
     torch.testing.assert_close(cached_batch["patch_features"], tower_features, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(cached_batch["patch_features"], tower_features.roll(1, dims=0), atol=1e-3)
 

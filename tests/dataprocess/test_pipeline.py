@@ -19,8 +19,7 @@ from dataprocess import pipeline
 from dataprocess.aic import PROMPTS, clean_caption, convert_aic, prompt_for_row
 from dataprocess.llava import convert_llava
 from dataprocess.pipeline import PathError, check_image, process, split_validation
-from dataprocess.schema import Drop, Kept, read_samples, validate_sample
-from dataprocess.schema import IMAGE_MARKER
+from dataprocess.schema import IMAGE_MARKER, Drop, Kept, read_samples, validate_sample
 from settings import ConfigError, load_config
 from visual.images import load_image
 

@@ -511,6 +511,7 @@ def write_config(tmp_path: Path, vocab_file: str, output: Path) -> Path:
     llm = tmp_path / "llm"
     llm.mkdir()
     (llm / "qwen.tiktoken").write_bytes(Path(vocab_file).read_bytes())
+    (llm / "config.json").write_text(json.dumps({"model_type": "qwen"}))  # the family; no weights are read
     vision = tmp_path / "clip"
     vision.mkdir()
     (vision / "config.json").write_text(json.dumps({"model_type": "clip",

@@ -17,7 +17,7 @@ from demo.pretrain import pretrain_clip, vocab_corpus
 from qwen import QWenTokenizer
 from qwen.tiny_vocab import write_tiny_vocab
 from settings import DemoConfig
-from visual import CLIPImagePreprocessor, write_tiny_clip_checkpoint
+from visual import ImagePreprocessor, write_tiny_clip_checkpoint
 from visual.clip_tower import CLIPVisionTower
 
 
@@ -61,7 +61,7 @@ def test_clip_pretraining_learns_and_keeps_the_official_layout(tmp_path: Path):
     # The project's strict loader reads the trained weights: its features are those of transformers' own
     # CLIPVisionModel given the saved vision weights by name.
     tower = CLIPVisionTower.from_pretrained(clip_dir, feature_layer=-2)
-    pixels = CLIPImagePreprocessor.from_pretrained(clip_dir)([Image.new("RGB", (56, 56), (200, 30, 30))])
+    pixels = ImagePreprocessor.from_pretrained(clip_dir)([Image.new("RGB", (56, 56), (200, 30, 30))])
     reference = CLIPVisionModel(CLIPVisionConfig(**config_before["vision_config"])).eval()
     prefix = "vision_model."
     reference.load_state_dict({k[len(prefix):]: v for k, v in after.items() if k.startswith(prefix)})

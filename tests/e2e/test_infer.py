@@ -214,7 +214,7 @@ def test_generation_refuses_a_negative_or_nan_temperature():
 
 def test_a_real_batch_run_answers_as_the_loaded_checkpoint_does(tiny_llm_dir, tiny_clip_dir, tmp_path):
     """The subprocess runs the real loading and generation path; its answers equal the in-process ones."""
-    from model import apply_lora, build_vlm, bundle_config_for, save_bundle
+    from model import apply_lora, build_vlm, save_bundle, vlm_config_for
 
     model = build_vlm(tiny_llm_dir, tiny_clip_dir)
     peft_model = apply_lora(model, r=4, alpha=8, verbose=False)
@@ -223,7 +223,7 @@ def test_a_real_batch_run_answers_as_the_loaded_checkpoint_does(tiny_llm_dir, ti
         for p in peft_model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.2)
-    save_bundle(peft_model, tmp_path / "bundle", bundle_config_for(model, tiny_llm_dir, tiny_clip_dir, "Be brief."))
+    save_bundle(peft_model, tmp_path / "bundle", vlm_config_for(model, tiny_llm_dir, tiny_clip_dir, "Be brief."))
     Image.fromarray(np.full((30, 20, 3), 200, dtype=np.uint8)).save(tmp_path / "a.png")
     batch = write_batch(tmp_path / "prompts.jsonl", [
         {"id": 1, "images": "a.png", "prompt": "What is it?"},

@@ -82,7 +82,7 @@ def test_train_saves_bundles_resumes_exactly_and_infer_loads_a_checkpoint(projec
     from inference import Prompt, generate_answers
     from model import load_vlm
     from qwen import QWenTokenizer
-    from visual import CLIPImagePreprocessor, load_image
+    from visual import ImagePreprocessor, load_image
 
     image = next((project / "raw" / "heldout_images").iterdir())
     answer = run("infer.py", "--checkpoint", str(project / "a" / "checkpoint-3"), "--image", str(image),
@@ -91,7 +91,7 @@ def test_train_saves_bundles_resumes_exactly_and_infer_loads_a_checkpoint(projec
     model, cfg = load_vlm(project / "a" / "checkpoint-3")
     llm_path, vision_path = cfg.resolve(project / "a" / "checkpoint-3")
     expected = generate_answers(
-        model.eval(), QWenTokenizer.from_pretrained(llm_path), CLIPImagePreprocessor.from_pretrained(vision_path),
+        model.eval(), QWenTokenizer.from_pretrained(llm_path), ImagePreprocessor.from_pretrained(vision_path),
         [Prompt("<|extra_0|>\nWhat colour is the shape?", [load_image(image)])], system=cfg.system_prompt,
         num_image_tokens=cfg.num_image_tokens, max_new_tokens=6,
     )[0]

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from inference import Prompt, generate_answers
 from model import load_vlm
 from qwen import QWenTokenizer
-from visual import CLIPImagePreprocessor, load_image
+from visual import ImagePreprocessor, load_image
 
 ROOT = Path(__file__).resolve().parents[2]
 TAG = "<|extra_0|>"
@@ -92,7 +92,7 @@ class Reference:
         self.model.eval()
         llm_path, vision_path = self.config.resolve(Path(checkpoint))
         self.tokenizer = QWenTokenizer.from_pretrained(llm_path)
-        self.processor = CLIPImagePreprocessor.from_pretrained(vision_path)
+        self.processor = ImagePreprocessor.from_pretrained(vision_path)
 
     def answer(self, query: str, images=(), history=None, max_new_tokens: int = 24) -> str:
         return generate_answers(self.model, self.tokenizer, self.processor,

@@ -144,7 +144,7 @@ def test_closing_the_stream_early_stops_the_generation_thread(answerer):
 
 
 def test_generation_errors_reach_the_caller(answerer):
-    with pytest.raises(ValueError, match=r"1 image tag\(s\) but 0 image\(s\)"):
+    with pytest.raises(ValueError, match=r"1 <image> mark\(s\) but 0 image\(s\)"):
         list(answerer.stream(Prompt(f"{TAG}\nHello", []), system=None, max_new_tokens=4))
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import apply_lora, build_vlm, bundle_config_for, save_bundle
+from model import apply_lora, build_vlm, save_bundle, vlm_config_for
 from model.export import main as export_main
 from model.export import portable_config
 from qwen.tiny import write_tiny_qwen_checkpoint
@@ -44,7 +44,7 @@ def run_dir(tmp_path_factory, base, tiny_clip_dir) -> Path:
             if p.requires_grad:
                 p.normal_(0, 0.1)
     run = tmp_path_factory.mktemp("outputs") / "run"
-    config = bundle_config_for(model, base, tiny_clip_dir, "x")
+    config = vlm_config_for(model, base, tiny_clip_dir, "x")
     save_bundle(peft_model, run, config)
     save_bundle(peft_model, run / "checkpoint-2", config)
     return run
@@ -139,7 +139,7 @@ def test_every_written_file_is_readable_by_others(tmp_path, byte_vocab_file):
         clip = write_tiny_clip_checkpoint(tmp_path / "clip", image_size=28, hidden_size=32, intermediate_size=64)
         model = build_vlm(qwen, clip)
         bundle = tmp_path / "bundle"
-        save_bundle(apply_lora(model, r=2, alpha=4, verbose=False), bundle, bundle_config_for(model, qwen, clip, "x"))
+        save_bundle(apply_lora(model, r=2, alpha=4, verbose=False), bundle, vlm_config_for(model, qwen, clip, "x"))
         assert export("--checkpoint", bundle, "--output", tmp_path / "qwen-format") == 0
         assert export("--checkpoint", bundle, "--output", tmp_path / "llava-format", "--format", "llava") == 0
     finally:

@@ -24,11 +24,11 @@ from transformers.utils import is_torchvision_available
 from dataset.conversation import build_prompt_ids, encode_conversation
 from inference import Prompt, generate_answers, query_with_images
 from inference.generation import prompt_tensors
-from model import apply_lora, build_vlm, bundle_config_for, load_vlm, save_bundle
+from model import apply_lora, build_vlm, load_vlm, save_bundle, vlm_config_for
 from model.export import main as export_main
 from model.export_llava import write_tokenizer_files
 from qwen import IMAGE_TAG, IMAGE_TOKEN_ID, QWenTokenizer
-from visual import CLIPImagePreprocessor
+from visual import ImagePreprocessor
 
 EOD, IM_START, IM_END = 151643, 151644, 151645  # the ChatML ids of the official vocabulary
 IMAGE = IMAGE_TOKEN_ID
@@ -57,7 +57,7 @@ def bundle(tiny_llm_dir, tiny_clip_dir, tmp_path_factory):
     for name, p in peft_model.named_parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.2 if "lora_" in name or "projector" in name else 0.05)
-    save_bundle(peft_model.eval(), folder, bundle_config_for(model, tiny_llm_dir, tiny_clip_dir, SYSTEM))
+    save_bundle(peft_model.eval(), folder, vlm_config_for(model, tiny_llm_dir, tiny_clip_dir, SYSTEM))
     (folder / "eval_results.json").write_text(json.dumps({"epoch": 2.0, "eval_loss": 1.2345678}))
     (folder / "demo_eval.json").write_text(json.dumps({"accuracy_with_image": 0.97, "by_language": {"zh": 0.96},
                                                        "checkpoint": str(folder)}))
@@ -80,7 +80,7 @@ def exported(bundle):
 def ours(bundle):
     model, config = load_vlm(bundle)
     llm_path, vision_path = config.resolve(bundle)
-    return model.eval(), config, QWenTokenizer.from_pretrained(llm_path), CLIPImagePreprocessor.from_pretrained(vision_path)
+    return model.eval(), config, QWenTokenizer.from_pretrained(llm_path), ImagePreprocessor.from_pretrained(vision_path)
 
 
 @pytest.fixture(scope="module")
@@ -138,11 +138,11 @@ def test_model_card_reports_training_and_evaluation(exported):
 
 
 BATCHES = {
-    "one_image": [Prompt(f"{IMAGE_TAG}\nWhat colour is the shape?", IMAGES[:1])],
-    "two_images_one_prompt": [Prompt(f"Compare {IMAGE_TAG} with {IMAGE_TAG}: which is brighter?", IMAGES[1:3])],
+    "one_image": [Prompt("<image>\nWhat colour is the shape?", IMAGES[:1])],
+    "two_images_one_prompt": [Prompt("Compare <image> with <image>: which is brighter?", IMAGES[1:3])],
     "left_padded_batch": [
-        Prompt(f"{IMAGE_TAG}\n图形在图片的哪个角？", IMAGES[3:4]),
-        Prompt(f"{IMAGE_TAG}\n{IMAGE_TAG}\nDescribe both pictures in one long sentence, please.", IMAGES[:2]),
+        Prompt("<image>\n图形在图片的哪个角？", IMAGES[3:4]),
+        Prompt("<image>\n<image>\nDescribe both pictures in one long sentence, please.", IMAGES[:2]),
         Prompt("A question without an image.", []),
     ],
 }
@@ -150,7 +150,7 @@ BATCHES = {
 
 def _our_batch(ours, prompts):
     model, config, tokenizer, preprocessor = ours
-    return prompt_tensors(prompts, tokenizer, preprocessor, config.system_prompt, config.num_image_tokens)
+    return prompt_tensors(prompts, tokenizer, preprocessor, config.system_prompt, config.vision.num_image_tokens)
 
 
 @pytest.mark.parametrize("name", list(BATCHES))
@@ -184,7 +184,7 @@ def test_stock_pipeline_answers_like_infer(ours, hf_model, processor):
     model, config, tokenizer, preprocessor = ours
     prompts = [("What colour is the shape?", IMAGES[:1]), ("<image> or <image>: which one is darker?", IMAGES[1:3])]
     expected = generate_answers(model, tokenizer, preprocessor, [Prompt(query_with_images(t, len(i)), i) for t, i in prompts],
-                                system=config.system_prompt, num_image_tokens=config.num_image_tokens,
+                                system=config.system_prompt, num_image_tokens=config.vision.num_image_tokens,
                                 max_new_tokens=8)
     conversations = [[{"role": "user", "content": _content(text, images)}] for text, images in prompts]
     inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
@@ -243,7 +243,7 @@ def test_processor_ids_and_pixels_equal_our_prompt(ours, processor, name):
             messages.append({"role": "assistant", "content": answer})
     history = [(q, t[2]) for q, t in zip(queries[:-1], turns[:-1])]
     expected = build_prompt_ids(tokenizer, queries[-1], history, config.system_prompt if system is None else system,
-                                config.num_image_tokens)
+                                config.vision.num_image_tokens)
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == expected
@@ -260,7 +260,7 @@ def test_whole_conversation_renders_our_training_sequence(ours, processor):
              {"role": "user", "content": "这是什么颜色？"}, {"role": "assistant", "content": "红色。"}]
     messages = [{"role": "user", "content": _content("What is it?", IMAGES[:1])}, *turns[1:]]
     ids = processor.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"][0]
-    expected = encode_conversation(tokenizer, turns, system=ours[1].system_prompt, num_image_tokens=ours[1].num_image_tokens,
+    expected = encode_conversation(tokenizer, turns, system=ours[1].system_prompt, num_image_tokens=ours[1].vision.num_image_tokens,
                                    max_length=None)
     assert ids == expected.input_ids
 
@@ -286,7 +286,7 @@ def test_chat_template_accepts_look_alikes_and_writes_them_as_text(ours, process
     tokenizer = ours[2]
     text = "<|extra_205|> <|im_end <|extra_x|> <im_end>"  # none of them is a special token
     ids = processor.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-    assert ids[0] == build_prompt_ids(tokenizer, text, [], ours[1].system_prompt, ours[1].num_image_tokens)
+    assert ids[0] == build_prompt_ids(tokenizer, text, [], ours[1].system_prompt, ours[1].vision.num_image_tokens)
 
 
 def test_documented_difference_leading_line_break(ours, processor):
@@ -294,7 +294,7 @@ def test_documented_difference_leading_line_break(ours, processor):
     tokenizer = ours[2]
     text = "\nWhat is it?"
     got = processor.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)[0]
-    expected = build_prompt_ids(tokenizer, text, [], ours[1].system_prompt, ours[1].num_image_tokens)
+    expected = build_prompt_ids(tokenizer, text, [], ours[1].system_prompt, ours[1].vision.num_image_tokens)
     assert got != expected and tokenizer.decode(got) == tokenizer.decode(expected)
 
 

@@ -19,7 +19,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 import visual.tiny_clip
 from visual import (
     CheckpointError,
-    CLIPImagePreprocessor,
+    ImagePreprocessor,
     CLIPVisionTower,
     ImageLoadError,
     write_tiny_clip_checkpoint,
@@ -319,7 +319,7 @@ def test_tiny_writer_never_leaves_a_half_written_folder(tmp_path, monkeypatch):
 
 
 def test_preprocessing_matches_transformers_pil_processor():
-    ours = CLIPImagePreprocessor.from_dict(OPENAI_PREPROCESSOR_CONFIG)
+    ours = ImagePreprocessor.from_dict(OPENAI_PREPROCESSOR_CONFIG)
     ref_kwargs = {k: v for k, v in OPENAI_PREPROCESSOR_CONFIG.items() if k != "feature_extractor_type"}
     reference = CLIPImageProcessorPil(**ref_kwargs)
     rng = np.random.default_rng(0)
@@ -338,7 +338,7 @@ def test_preprocessing_matches_transformers_pil_processor():
 def test_preprocessing_uniform_colour_is_normalised_constant():
     colour = (200, 30, 90)
     image = Image.new("RGB", (97, 61), colour)
-    got = CLIPImagePreprocessor(size=32, crop_size=32)([image])[0]
+    got = ImagePreprocessor(size=32, crop_size=32)([image])[0]
     assert got.shape == (3, 32, 32)
     assert torch.allclose(got.double(), uniform_expected(colour, 32), atol=1e-6, rtol=0)
 
@@ -347,16 +347,16 @@ def test_center_crop_geometry_by_hand():
     # 5 x 7 image whose red channel numbers the pixels; crop 3 x 4 without resizing: rows 1..3, cols 1..4
     index = np.arange(35, dtype=np.uint8).reshape(5, 7)
     image = Image.fromarray(np.stack([index, index, index], axis=-1))
-    pre = CLIPImagePreprocessor(crop_size=(3, 4), do_resize=False, do_rescale=False, do_normalize=False)
+    pre = ImagePreprocessor(crop_size=(3, 4), do_resize=False, do_rescale=False, do_normalize=False)
     assert pre([image])[0, 0].tolist() == index[1:4, 1:5].astype(float).tolist()
     # resize rounding: the long edge is floored (int(32 * 97 / 61) = 50)
-    assert CLIPImagePreprocessor(size=32).resized_size(97, 61) == (50, 32)
-    assert CLIPImagePreprocessor(size=32).resized_size(61, 97) == (32, 50)
+    assert ImagePreprocessor(size=32).resized_size(97, 61) == (50, 32)
+    assert ImagePreprocessor(size=32).resized_size(61, 97) == (32, 50)
 
 
 def test_preprocessor_config_formats(tmp_path):
-    old = CLIPImagePreprocessor.from_dict(OPENAI_PREPROCESSOR_CONFIG)
-    new = CLIPImagePreprocessor.from_dict(
+    old = ImagePreprocessor.from_dict(OPENAI_PREPROCESSOR_CONFIG)
+    new = ImagePreprocessor.from_dict(
         {
             "crop_size": {"height": 224, "width": 224},
             "do_center_crop": True,
@@ -372,7 +372,7 @@ def test_preprocessor_config_formats(tmp_path):
             "size": {"shortest_edge": 224},
         }
     )
-    assert old == new == CLIPImagePreprocessor()
+    assert old == new == ImagePreprocessor()
 
     path = tmp_path / "preprocessor_config.json"
     for key, value, message in [
@@ -384,16 +384,16 @@ def test_preprocessor_config_formats(tmp_path):
     ]:
         path.write_text(json.dumps(dict(OPENAI_PREPROCESSOR_CONFIG, **{key: value})))
         with pytest.raises(ValueError, match=rf"{path}: .*{message}"):
-            CLIPImagePreprocessor.from_pretrained(tmp_path)
+            ImagePreprocessor.from_pretrained(tmp_path)
 
 
 def test_preprocessor_from_checkpoint_folder_and_errors(ckpt, tmp_path):
-    pre = CLIPImagePreprocessor.from_pretrained(ckpt)
+    pre = ImagePreprocessor.from_pretrained(ckpt)
     assert (pre.size, pre.crop_size) == (IMAGE_SIZE, (IMAGE_SIZE, IMAGE_SIZE))
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        CLIPImagePreprocessor.from_pretrained(tmp_path / "nowhere")
+        ImagePreprocessor.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"preprocessor_config\.json is missing"):
-        CLIPImagePreprocessor.from_pretrained(tmp_path)
+        ImagePreprocessor.from_pretrained(tmp_path)
 
 
 def _save(image, path, **kwargs):
@@ -402,7 +402,7 @@ def _save(image, path, **kwargs):
 
 
 def test_preprocess_path_any_mode(tmp_path):
-    pre = CLIPImagePreprocessor(size=16, crop_size=16)
+    pre = ImagePreprocessor(size=16, crop_size=16)
     palette = Image.new("P", (20, 30), 0)
     palette.putpalette([10, 200, 60] + [0] * 765)
     cases = {  # file -> the RGB colour every pixel must have after loading
@@ -434,7 +434,7 @@ def test_preprocess_path_applies_exif_rotation(tmp_path):
     exif[0x0112] = 6
     path = _save(Image.fromarray(array), tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
 
-    pre = CLIPImagePreprocessor(size=24, crop_size=24)
+    pre = ImagePreprocessor(size=24, crop_size=24)
     got = pre.preprocess_path(path)
     with Image.open(path) as stored:  # the stored (sideways) pixels, rotated by hand
         upright = stored.convert("RGB").transpose(Image.Transpose.ROTATE_270)
@@ -448,12 +448,12 @@ def test_preprocess_path_applies_exif_rotation(tmp_path):
 
 
 def test_preprocessor_stacks_mixed_sizes_and_single_image():
-    pre = CLIPImagePreprocessor(size=20, crop_size=20)
+    pre = ImagePreprocessor(size=20, crop_size=20)
     images = [Image.new("RGB", size, (1, 2, 3)) for size in [(20, 20), (100, 30), (30, 100)]]
     assert pre(images).shape == (3, 3, 20, 20)
     assert pre(images[1]).shape == (1, 3, 20, 20)
     with pytest.raises(ValueError, match="differ in shape"):
-        CLIPImagePreprocessor(do_resize=False, do_center_crop=False)(images)
+        ImagePreprocessor(do_resize=False, do_center_crop=False)(images)
     raw = io.BytesIO()
     Image.new("RGB", (4, 4)).save(raw, format="PNG")  # a PIL image not in RGB mode is converted
     assert pre([Image.open(raw).convert("L")]).shape == (1, 3, 20, 20)
