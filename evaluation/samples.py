@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluation.text import LANGUAGES, detect_language, tokenize
-from dataprocess.schema import IMAGE_MARKER
+from dataprocess.schema import IMAGE_MARKER, upgrade_first_format
 
 SHORT_ANSWER_MAX_TOKENS = 3
 PASSES = ("with_image", "blank", "shuffled")  # how each sample is asked (evaluation.generation)
@@ -78,6 +78,7 @@ def read_processed(path: str | Path, limit: int | None = None) -> list[EvalSampl
 
 
 def sample_from_processed(row, where: str) -> EvalSample:
+    row = upgrade_first_format(row)  # a file processed by an earlier version reads as meant
     if not isinstance(row, dict) or not {"id", "images", "turns"} <= set(row):
         _fail(where, "not a processed sample (an object with id, source, images, turns)")
     turns, images = row["turns"], row["images"]

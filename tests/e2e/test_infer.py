@@ -106,7 +106,7 @@ def test_every_row_is_checked_first_and_bad_rows_are_marked_in_place(stub, image
         "a": "1 image(s) (20x10): colour?",
         "h": "1 image(s) (8x16): one path as a string",
         11: "0 image(s) (): text only",
-        "l": "2 image(s) (12x12,8x16): <|extra_0|> vs <|extra_0|>",
+        "l": "2 image(s) (12x12,8x16): <image> vs <image>",
     }
     errors = {line["id"]: line["error"] for line in lines if "error" in line}
     assert errors["b"] == "prompt must be a string, got 42"

@@ -92,8 +92,8 @@ def test_train_saves_bundles_resumes_exactly_and_infer_loads_a_checkpoint(projec
     llm_path, vision_path = cfg.resolve(project / "a" / "checkpoint-3")
     expected = generate_answers(
         model.eval(), QWenTokenizer.from_pretrained(llm_path), ImagePreprocessor.from_pretrained(vision_path),
-        [Prompt("<|extra_0|>\nWhat colour is the shape?", [load_image(image)])], system=cfg.system_prompt,
-        num_image_tokens=cfg.num_image_tokens, max_new_tokens=6,
+        [Prompt("<image>\nWhat colour is the shape?", [load_image(image)])], system=cfg.system_prompt,
+        num_image_tokens=cfg.vision.num_image_tokens, max_new_tokens=6,
     )[0]
     assert answer.stdout == expected + "\n"
 

@@ -29,7 +29,7 @@ from qwen import QWenTokenizer
 from visual import ImagePreprocessor, load_image
 
 ROOT = Path(__file__).resolve().parents[2]
-TAG = "<|extra_0|>"
+TAG = "<image>"  # the image marker of prompts (dataprocess.schema.IMAGE_MARKER)
 # Debian's chromium as root needs --no-sandbox; the rest keep it off the (closed) network and quick to start.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--disable-sync",
                  "--disable-background-networking", "--disable-component-update", "--disable-quic"]
@@ -97,7 +97,7 @@ class Reference:
     def answer(self, query: str, images=(), history=None, max_new_tokens: int = 24) -> str:
         return generate_answers(self.model, self.tokenizer, self.processor,
                                 [Prompt(query, [load_image(p) for p in images], history)],
-                                system=self.config.system_prompt, num_image_tokens=self.config.num_image_tokens,
+                                system=self.config.system_prompt, num_image_tokens=self.config.vision.num_image_tokens,
                                 max_new_tokens=max_new_tokens)[0]
 
 

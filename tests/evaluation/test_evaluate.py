@@ -14,7 +14,7 @@ import pytest
 
 from evaluation.samples import EvalSample
 from evaluation.text import java_available
-from qwen import IMAGE_TAG as TAG
+from dataprocess.schema import IMAGE_MARKER as TAG
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}

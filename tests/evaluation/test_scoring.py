@@ -14,7 +14,7 @@ import pytest
 from evaluation.samples import EvalSample, derangement, shuffled_partners
 from evaluation.scoring import caption_scores, score_rows
 from evaluation.text import java_available, tokenize_en, tokenize_ptb, tokenize_zh
-from qwen import IMAGE_TAG as TAG
+from dataprocess.schema import IMAGE_MARKER as TAG
 
 ROOT = Path(__file__).resolve().parents[2]
 
