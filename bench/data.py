@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from bench.common import device_name, emit
+from bench.harness import device_name, emit
 from dataprocess.features import FeatureCache, build_feature_cache
 from dataprocess.pipeline import check_images
 from dataset.conversation import encode_conversation

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPVisionConfig
 
-from bench.common import SIZES, device_name, emit, versions
+from bench.harness import SIZES, device_name, emit, versions
 from common.fileio import write_text
 from model.export_llava import llava_config, write_processing_files
 from qwen import DEFAULT_SYSTEM, QWenConfig
