@@ -46,9 +46,13 @@ def caption_scores(predictions: list[str], references: list[list[str]], language
 
 
 def is_correct(row: dict, normalise: Normaliser = normalise_answer) -> bool:
+    """The normalised prediction equals the normalised answer (or a reference). A prediction that normalises to
+    nothing ("" or None: no word, or no label the normaliser knows) is never correct, whatever it is compared to."""
     accepted = [row["answer"]] if row.get("answer") is not None else row["references"]
     predicted = normalise(row["prediction"], row["language"])
-    return predicted is not None and any(predicted == normalise(a, row["language"]) for a in accepted)
+    if predicted is None or predicted == "":
+        return False
+    return any(predicted == normalise(a, row["language"]) for a in accepted)
 
 
 def score_rows(rows: list[dict], *, ptb: bool = False, normalise: Normaliser = normalise_answer):

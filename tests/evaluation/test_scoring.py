@@ -60,6 +60,43 @@ def test_jieba_is_quiet_and_writes_no_cache(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+# ------------------------------------------------------------------------------------------------ short answers
+
+# (language, reference, {prediction: counts as correct})
+SHORT_ANSWERS = [
+    ("en", "A", {"A": True, "a": True, "(A)": True, "A.": True, " a ": True, "the": False, "": False, "...": False,
+                 "an": False, "B": False, "(B)": False}),
+    ("en", "the A", {"a": True, "A": True, "the": False, "": False}),
+    ("en", "a red car", {"Red car.": True, "the red car": True, "car": False, "": False}),
+    ("en", "1,000", {"1000": True, "1,000.": True, "1000.0": True, "100": False, "-1000": False, "10 00": False}),
+    ("en", "3.5", {"3.50": True, "+3.5": True, "35": False, "3 5": False, "3": False}),
+    ("en", "-2", {"-2": True, "2": False, "- 2": False}),
+    ("en", "covid-19", {"Covid 19": True, "-19": False, "19": False}),
+    ("zh", "3.5米", {"3.50米": True, "35米": False, "": False}),
+    ("zh", "左上", {"左上。": True, "右上": False, "": False}),
+]
+
+
+@pytest.mark.parametrize("language,reference,predictions", SHORT_ANSWERS, ids=[r for _, r, _ in SHORT_ANSWERS])
+def test_short_answers_keep_letters_and_numbers_and_an_empty_answer_never_counts(language, reference, predictions):
+    """Multiple-choice letters: removing articles must not turn the answer "A" into "", which "" or "the"
+    would then equal; numbers keep their sign and decimal point."""
+    rows = [{"id": i, "language": language, "kind": "qa", "prediction": p, "references": [reference],
+             "answer": reference} for i, p in enumerate(predictions)]
+    summary, details = score_rows(rows)
+    assert {p: d["correct"] for p, d in zip(predictions, details)} == predictions
+    assert summary[language]["accuracy"] == sum(predictions.values()) / len(predictions)
+
+
+def test_an_empty_normalised_prediction_is_never_correct_with_any_normaliser():
+    from evaluation.scoring import is_correct
+
+    row = {"id": 1, "language": "en", "prediction": "whatever", "references": ["x"], "answer": "x"}
+    assert not is_correct(row, normalise=lambda text, language: "")  # "" == "" is no match
+    assert not is_correct(row, normalise=lambda text, language: None)
+    assert is_correct(row, normalise=lambda text, language: "same")
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 
 
