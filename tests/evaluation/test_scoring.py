@@ -190,6 +190,63 @@ def test_scores_equal_pycocoevalcap_on_hand_tokenised_text_per_language():
     assert summary["zh"]["accuracy"] is None and summary["accuracy"] == 1.0
 
 
+def test_lcs_length_equals_the_full_table_across_block_boundaries():
+    import random
+
+    from pycocoevalcap.rouge.rouge import my_lcs
+
+    from evaluation.rouge import lcs_length
+
+    rng = random.Random(0)
+    for _ in range(400):
+        vocabulary = rng.randint(1, 6)  # few distinct words: many matches, long common subsequences
+        a = [str(rng.randrange(vocabulary)) for _ in range(rng.randint(0, 30))]
+        b = [str(rng.randrange(vocabulary)) for _ in range(rng.randint(0, 30))]
+        expected = my_lcs(a, b)
+        assert [lcs_length(a, b, block_bits=k) for k in (1, 3, 8, 64)] == [expected] * 4, (a, b)
+    assert lcs_length(["a", "b", "c", "d"], ["x", "a", "y", "c"]) == 2 and lcs_length([], ["a"]) == 0
+
+
+def test_rouge_l_equals_pycocoevalcap_to_the_last_bit():
+    """pycocoevalcap's own Rouge on the same rows: equal means and per-row scores (==, not approximately), with
+    empty texts, repeated words and several references of different lengths among them."""
+    import random
+
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    from evaluation.rouge import RougeL
+
+    rng = random.Random(1)
+    words = ["a", "man", "dog", "rides", "the", "horse", "on", "beach", "red", "ball"]
+    text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    res = {i: [text(rng.randint(0, 25))] for i in range(200)}
+    gts = {i: [text(rng.randint(0, 25)) for _ in range(rng.randint(1, 5))] for i in range(200)}
+    res[0], gts[0] = [""], ["", "a man"]
+    ours, our_rows = RougeL().compute_score(gts, res)
+    theirs, their_rows = Rouge().compute_score(gts, res)
+    assert ours == theirs and list(our_rows) == list(their_rows)
+
+
+def test_rouge_l_of_a_long_row_takes_memory_linear_in_its_length():
+    """A 6,000-word prediction against a 6,000-word reference: pycocoevalcap's LCS table alone is 36M cells
+    (about 290 MB of Python lists; a 200k-word row took 23 GB). Every caption metric together stays a few MB."""
+    import random
+    import tracemalloc
+
+    rng = random.Random(2)
+    vocabulary = [f"w{i}" for i in range(500)]
+    prediction = " ".join(rng.choices(vocabulary, k=6000))
+    reference = " ".join(rng.choices(vocabulary, k=6000))
+    tracemalloc.start()
+    try:
+        metrics, _ = caption_scores([prediction], [[reference]], "en")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * 2**20, f"{peak / 2**20:.0f} MB"
+    assert 0 < metrics["rouge_l"] < 1
+
+
 def test_derangements_move_everyone_and_only_within_groups():
     import random
 
