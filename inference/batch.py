@@ -25,7 +25,8 @@ none), relative paths taken from the batch file's folder; `<image>` marks in the
 5. A rerun with the same output skips every id it already has a line for (answered or failed) and appends the
    others, so each id ends with exactly one line, and a run interrupted at any byte and rerun leaves the lines
    of an uninterrupted run (with answers as batched generation gives them: the rows after the interruption
-   share chunks differently). To retry the rows that failed, delete their lines or write to a new file.
+   share chunks differently). To retry the rows that failed, delete their lines (their new lines are appended
+   last) or write to a new file.
 6. A write that fails part way (disk full) cuts the file back to its last complete line and raises
    AnswersWriteError: a rerun resumes from there.
 """
@@ -252,8 +253,8 @@ def _check_answers(path: Path, data: bytes, rows: list[Row]) -> tuple[dict[str, 
                              f"answers; {refuse}")
         if entry["row_hash"] != row.row_hash:
             raise BatchError(f"--output {path}, line {n}: id {key} was answered for another question than line "
-                             f"{row.line} of the batch file (its prompt or images differ): it holds another batch's "
-                             f"answers; {refuse}")
+                             f"{row.line} of the batch file asks (its prompt or images differ): another batch's answers, "
+                             f"or a row edited since (delete its line to answer it again); {refuse}")
         if key in done:
             raise BatchError(f"--output {path}: id {key} has two lines ({done[key]} and {n}); {refuse}")
         done[key] = n
