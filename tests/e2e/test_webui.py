@@ -573,7 +573,7 @@ def test_a_closed_session_is_freed_at_once(served, tiny_bundle_dir, tmp_path):
     gradio_client = pytest.importorskip("gradio_client")
     app, url = served
     client = gradio_client.Client(url, verbose=False)
-    api_ask(client, "What is it?", [noise_photo(tmp_path / "photo.png", 300, 200, seed=5)])
+    chat, _ = api_ask(client, "What is it?", [noise_photo(tmp_path / "photo.png", 300, 200, seed=5)])
     session = client.session_hash
     assert image_bytes(state_of(app, client)) > 0
     client.close()  # like closing the tab: its heartbeat connection ends
@@ -581,6 +581,14 @@ def test_a_closed_session_is_freed_at_once(served, tiny_bundle_dir, tmp_path):
     while app.state_holder.session_data[session].state_data and time.monotonic() < deadline:
         time.sleep(0.2)
     assert app.state_holder.session_data[session].state_data == {}
+
+    # a page that still shows a conversation the server no longer holds is told so, rather than answered without it
+    client = gradio_client.Client(url, verbose=False)
+    try:
+        sent = client.predict(None, "And then?", text_parts(chat), "You are a test.", 0.0, 12, api_name="/submit")
+        assert sent[-1].startswith("⚠ The server has ended this session and no longer holds its conversation")
+    finally:
+        client.close()
 
 
 # ------------------------------------------------------------------------------------- start-up errors (no browser)
