@@ -8,15 +8,20 @@ Generation mode asks each sample of a processed JSONL (process_image.py's output
 and in batches, three times: with its image, with a blank image and with another sample's image (a seeded
 derangement), then scores the answers (see evaluation/). Predictions mode scores rows
 {"id", "language": "en" | "zh", "prediction", "references": [...], "kind"?: "caption" | "qa", "answer"?}.
+A sample whose image is missing or cannot be decoded is skipped before the model loads, counted in
+metrics.json ("skipped") and on stderr, and the rest is scored.
 Both print one JSON object (metrics.json) and write metrics.json, predictions.jsonl and report.md into the
 output folder (default: `<checkpoint>/eval-<data name>`, or `<predictions name>-scored` beside the
-predictions file). Exit status: 0 on success, 2 for bad input (one line naming the problem).
+predictions file), each file whole: on any failure no file there changes. Exit status: 0 on success, 2 for bad
+input (a bad line of an input file, an output folder that cannot be written, ...), 1 when the results could
+not be written (disk full, say); each failure is one line naming the problem.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,7 +63,8 @@ def parse_args(argv):
 
 
 def check_output(output: Path, inputs: list[Path]) -> None:
-    """An output is never one of the inputs, and the output folder is a folder."""
+    """An output is never one of the inputs, and the output folder is a folder this process can write (or create),
+    checked before any model loads."""
     from common.paths import same_file
     from evaluation.report import OUTPUT_FILES
 
@@ -67,6 +73,11 @@ def check_output(output: Path, inputs: list[Path]) -> None:
     for path in inputs:
         if any(same_file(output / name, path) for name in OUTPUT_FILES):
             raise UsageError(f"the output folder {output} would overwrite the input {path}: pass another --output")
+    existing = next(p for p in (output, *output.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"cannot create the output folder {output}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write the output folder {output}: {existing} is not writable (pass another --output)")
 
 
 def run_predictions(args) -> tuple[dict, list[dict], Path]:
@@ -83,20 +94,20 @@ def run_predictions(args) -> tuple[dict, list[dict], Path]:
 
 
 def run_generation(args) -> tuple[dict, list[dict], Path]:
-    from evaluation.samples import read_processed, validation_split
+    from evaluation.samples import read_processed, skipped_summary, usable_samples, validation_split
     from inference import find_checkpoint
 
     data = Path(args.data) if args.data else validation_split(args.config or "config.yaml")
     checkpoint = find_checkpoint(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint / f"eval-{data.stem}"
     check_output(output, [data])
-    samples = read_processed(data, limit=args.limit)
+    samples, skipped = usable_samples(read_processed(data, limit=args.limit))
+    if skipped:
+        first = skipped[0]
+        print(f"evaluate.py: skipping {len(skipped)} of {len(samples) + len(skipped)} samples, an image cannot be "
+              f"loaded (first: sample {first['id']}: {first['image']}: {first['reason']})", file=sys.stderr)
     if not samples:
-        raise UsageError(f"no samples in {data}")
-    for s in samples:
-        for path in s.images:
-            if not Path(path).is_file():
-                raise UsageError(f"{data}: sample {s.id}: image not found: {path}")
+        raise UsageError(f"no samples to evaluate in {data}" + (" (every one was skipped)" if skipped else ""))
     from evaluation.runner import evaluate_samples  # torch: only once the inputs are known to be good
     from inference import load_checkpoint
 
@@ -106,8 +117,10 @@ def run_generation(args) -> tuple[dict, list[dict], Path]:
                                      max_new_tokens=args.max_new_tokens)
     seconds = time.perf_counter() - started
     print(f"evaluate.py: {len(samples)} samples x 3 passes in {seconds:.1f} s "
-          f"({len(samples) / seconds:.2f} samples/s, {3 * len(samples) / seconds:.2f} answers/s)", file=sys.stderr)
+          f"({len(samples) / seconds:.2f} samples/s, {3 * len(samples) / seconds:.2f} answers/s)"
+          + (f"; {len(skipped)} samples skipped (metrics.json: skipped)" if skipped else ""), file=sys.stderr)
     metrics["settings"].update(checkpoint=str(checkpoint), data=str(data))
+    metrics["skipped"] = skipped_summary(skipped)
     return metrics, rows, output
 
 
@@ -131,12 +144,17 @@ def main(argv: list[str] | None = None) -> int:
             metrics, rows, output = run_predictions(args)
         else:
             metrics, rows, output = run_generation(args)
-        from evaluation.report import write_outputs
-
-        write_outputs(output, metrics, rows)
-    except (UsageError, ConfigError, ImageLoadError, FileNotFoundError, ValueError) as e:
+    except (UsageError, ConfigError, ImageLoadError, OSError, ValueError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
+    from evaluation.report import write_outputs
+
+    try:
+        write_outputs(output, metrics, rows)
+    except (OSError, UnicodeEncodeError) as e:  # disk full, no permission after all; nothing was changed
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        print(f"evaluate.py: error: cannot write the results into {output}: {reason}", file=sys.stderr)
+        return 1
     print(json.dumps(metrics, ensure_ascii=False))
     print(f"evaluate.py: wrote {output}/metrics.json, predictions.jsonl, report.md", file=sys.stderr)
     return 0

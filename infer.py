@@ -10,9 +10,11 @@ recently written one under ./outputs. Every input is checked before the model lo
 (it exists and decodes), the prompt's `<image>` count, and in batch mode every row (see inference/batch.py).
 Exit status: 0 on success, 2 for bad input (a missing or broken image, a checkpoint that is not one, a prompt
 whose `<image>` count differs from the images given, `--device cuda` without a GPU, a negative temperature,
-an --output that is a folder or one of the inputs), and in batch mode 0 even when some rows failed: each
-failed row gets an "error" field instead of an "answer". Batch answers are appended to --output as they are
-produced; a rerun answers only the ids that are not in it yet.
+an --output that is a folder, one of the inputs, not this batch's answers or not writable), and in batch mode
+0 even when some rows failed: each failed row gets an "error" field instead of an "answer"; 1 when the answers
+could not be written part way (disk full): the lines written are kept. Batch answers are appended to --output
+as they are produced; a rerun answers only the ids that are not in it yet (inference/batch.py says how an
+output is recognised as this batch's).
 """
 
 from __future__ import annotations
@@ -80,10 +82,10 @@ def check_image(path: str) -> None:
     load_image(path, draft_size=(1, 1))
 
 
-def plan_batch(args):
-    """Before the model loads: the batch file's rows, checked, and those the output does not have yet."""
+def read_checked_batch(args):
+    """The batch file's rows, checked (images aside), and an --output that is no folder and none of the inputs."""
     from common.paths import same_file
-    from inference.batch import BatchError, check_images, id_key, read_batch, read_done
+    from inference.batch import BatchError, read_batch
 
     if not args.output:
         raise UsageError("--batch needs --output FILE.jsonl")
@@ -94,38 +96,50 @@ def plan_batch(args):
         raise UsageError(f"--output {output}: folder {output.absolute().parent} does not exist")
     try:
         rows = read_batch(args.batch)
-        inputs = [("the batch file", args.batch)] + [("an image", p) for row in rows for p in row.images]
-        for label, path in inputs:
-            if same_file(output, path):
-                raise UsageError(f"--output {output} is {label} ({path}): an output is never one of the inputs")
-        done = read_done(output, rows)
     except BatchError as e:
         raise UsageError(str(e)) from e
-    except OSError as e:  # an output that cannot be read or written
-        raise UsageError(f"--output {output}: {e.strerror or e}") from e
-    todo = [row for row in rows if id_key(row.id) not in done]
-    check_images(todo, check_image)  # decoding is the slow part: not again for the rows already done
-    return rows, todo
+    inputs = [("the batch file", args.batch)] + [("an image", p) for row in rows for p in row.images]
+    for label, path in inputs:
+        if same_file(output, path):
+            raise UsageError(f"--output {output} is {label} ({path}): an output is never one of the inputs")
+    return rows
 
 
-def run_batch(loaded, rows, todo, args) -> int:
+def chunk_answerer(loaded, args):
+    """answer(rows) -> one answer per row, or the exception of a row that failed (a failing chunk is retried row
+    by row)."""
     from inference import PromptError
-    from inference.batch import answer_rows
     from visual import ImageLoadError
 
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "system": args.system}
     bad_input = (ImageLoadError, PromptError, ValueError)
 
-    def answer_all(chunk) -> list:
-        """Answers (or the exception of a bad row) for a chunk; a failing chunk is retried row by row."""
+    def answer(chunk) -> list:
         try:
             return loaded.generate(prompts_of([(row.prompt, row.images) for row in chunk]), **gen)
         except bad_input as e:
             if len(chunk) == 1:
                 return [e]
-            return [answer_all([row])[0] for row in chunk]
+            return [answer([row])[0] for row in chunk]
 
-    answered, failed = answer_rows(todo, answer_all, args.output, args.batch_size)
+    return answer
+
+
+def run_batch(args) -> int:
+    """Check the rows and open the output (it is this batch's, and it can be written) before the model loads,
+    then answer the rows it has no line for, chunk by chunk."""
+    from inference import load_checkpoint
+    from inference.batch import answer_rows, check_images, id_key, open_answers
+
+    rows = read_checked_batch(args)
+    with open_answers(args.output, rows) as answers:
+        todo = [row for row in rows if id_key(row.id) not in answers.done]
+        check_images(todo, check_image)  # decoding is the slow part: not again for the rows already done
+        if not todo:
+            print(f"all {len(rows)} prompts already have a line in {args.output}: nothing to do")
+            return 0
+        loaded = load_checkpoint(args.checkpoint, device=args.device, llm_path=args.llm_path, vision_path=args.vision_path)
+        answered, failed = answer_rows(todo, chunk_answerer(loaded, args), answers, args.batch_size)
     skipped = len(rows) - len(todo)
     print(f"answered {answered} of {len(todo)} prompts -> {args.output}" + (f" ({failed} failed)" if failed else "")
           + (f"; {skipped} already in it, skipped" if skipped else ""))
@@ -153,28 +167,26 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported after the arguments are parsed: torch and transformers take seconds, `--help` should not.
     from inference import load_checkpoint
+    from inference.batch import AnswersWriteError
     from visual import ImageLoadError
 
     try:
         check_options(args)
         # Everything about the input is checked before the model loads (seconds to minutes).
         if args.batch:
-            rows, todo = plan_batch(args)
-            if not todo:
-                print(f"all {len(rows)} prompts already have a line in {args.output}: nothing to do")
-                return 0
-        elif args.prompt is None:
+            return run_batch(args)
+        if args.prompt is None:
             raise UsageError("--prompt is required (or --batch FILE --output FILE)")
-        else:
-            prompts = prompts_of([(args.prompt, args.image)])  # a missing or broken image, a wrong <image> count
+        prompts = prompts_of([(args.prompt, args.image)])  # a missing or broken image, a wrong <image> count
         loaded = load_checkpoint(args.checkpoint, device=args.device, llm_path=args.llm_path, vision_path=args.vision_path)
-        if args.batch:
-            return run_batch(loaded, rows, todo, args)
         run_single(loaded, prompts, args)
         return 0
     except (UsageError, ImageLoadError, FileNotFoundError, ValueError) as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 2
+    except AnswersWriteError as e:  # disk full part way: the answers written so far stay
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

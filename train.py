@@ -11,7 +11,8 @@ passing over one whose save was interrupted) continues a run exactly. A non-empt
 the run resumes or `--overwrite_output_dir` replaces the previous run (see training/checkpoints.py).
 
 Exit status 2, with one line, for anything wrong found before training: a config or flag error, a missing
-model, data file or every image, an output_dir that is a file or holds another run, an incomplete checkpoint.
+model, data file or every image, an output_dir that is a file or holds another run, an incomplete checkpoint, a
+resume that asks for a learning rate (or another setting) that the checkpoint restores (training/checkpoints.py).
 
 With `data.feature_cache` set (or `--feature_cache DIR`; `--feature_cache ""` ignores the config's), batches
 carry the CLIP features precomputed by `process_image.py --cache-features` instead of pixels, and the tower
@@ -40,7 +41,7 @@ from model import apply_lora, build_vlm, vlm_config_for
 from model.bundle import check_compatible
 from settings import ConfigError
 from settings.training import TrainSetup, parse_train_args
-from training.checkpoints import check_output_dir, clear_previous_run, resolve_resume
+from training.checkpoints import check_output_dir, check_resume_settings, clear_previous_run, resolve_resume
 from training.stages import (
     check_projector_folder,
     load_start_projector,
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         feature_cache = open_feature_cache(setup)  # FeatureCacheError is a ValueError
         set_seed(args.seed)
         model, tokenizer, datasets, bundle_config = build(setup, resume, feature_cache)
+        check_resume_settings(resume, args)  # (after build's check that the checkpoint is this model's)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2

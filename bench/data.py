@@ -7,7 +7,7 @@
 must be the import root, and the code never edits sys.path.)
 
 Figures, all on photo-like JPEGs of COCO size (default 640x480, quality 90) generated into a temporary folder:
-- `preprocess`: images/s decoding with `load_image` and `CLIPImagePreprocessor` (224 px, as training) to a
+- `preprocess`: images/s decoding with `load_image` and `ImagePreprocessor` (224 px, as training) to a
   float tensor, in 1 and 2 DataLoader workers, total and per worker;
 - `decode_check`: images/s of process_image.py's check (`check_images`: JPEG decoded at 1/8 scale);
 - `loader`: samples/s of the training DataLoader (`SupervisedDataset` + `DataCollator`, batch 16) on
@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from bench.common import device_name, emit
+from bench.harness import device_name, emit
 from dataprocess.features import FeatureCache, build_feature_cache
 from dataprocess.pipeline import check_images
 from dataset.conversation import encode_conversation
@@ -50,7 +50,7 @@ from dataset.sampler import LengthGroupedSampler, padding_efficiency
 from qwen import DEFAULT_SYSTEM as SYSTEM
 from qwen import IMAGE_TAG, QWenTokenizer
 from qwen.tiny_vocab import write_tiny_vocab
-from visual.images import CLIPImagePreprocessor, load_image
+from visual.images import ImagePreprocessor, load_image
 from visual.tiny_clip import write_tiny_clip_checkpoint
 
 NUM_IMAGE_TOKENS = 256  # ViT-L/14 at 224 px
@@ -114,7 +114,7 @@ def load_tokenizer() -> tuple[QWenTokenizer, str]:
 class Preprocess(Dataset):
     """What the training dataset does per image: decode, orient, RGB, resize, crop, normalise."""
 
-    def __init__(self, paths: list[str], processor: CLIPImagePreprocessor):
+    def __init__(self, paths: list[str], processor: ImagePreprocessor):
         self.paths, self.processor = paths, processor
 
     def __len__(self) -> int:
@@ -138,7 +138,7 @@ def steady_rate(loader: DataLoader, size) -> float:
 
 
 def bench_preprocess(paths: list[str], workers: list[int]) -> dict:
-    processor = CLIPImagePreprocessor()  # openai/clip-vit-large-patch14's settings
+    processor = ImagePreprocessor()  # openai/clip-vit-large-patch14's settings
     out = {}
     for w in workers:
         loader = DataLoader(Preprocess(paths, processor), batch_size=16, num_workers=w, persistent_workers=w > 0)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
         write_llava_jsonl(tmp / "train.jsonl", images, args.samples, args.seed)
         common = dict(num_image_tokens=NUM_IMAGE_TOKENS, system=SYSTEM, max_length=2048, seed=args.seed)
-        pixels = SupervisedDataset(tmp / "train.jsonl", tokenizer, CLIPImagePreprocessor(), **common)
+        pixels = SupervisedDataset(tmp / "train.jsonl", tokenizer, ImagePreprocessor(), **common)
         cache = FeatureCache(write_stand_in_cache(tmp, images))
         features = SupervisedDataset(tmp / "train.jsonl", tokenizer, None, feature_loader=cache, **common)
         record["loader"] = {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.common import device_name, emit, versions
+from bench.harness import device_name, emit, versions
 
 
 def main(argv: list[str] | None = None) -> dict:

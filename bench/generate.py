@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from bench.common import (
+from bench.harness import (
     SIZES,
     build_random_vlm,
     device_name,

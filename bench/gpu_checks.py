@@ -8,15 +8,21 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.common import device_name, emit, versions
+from bench.harness import device_name, emit, versions
 from qwen import QWenConfig, QWenLMHeadModel
 
 
-def main() -> dict:
-    assert torch.cuda.is_available(), "this check needs a CUDA device"
+def main(argv: list[str] | None = None) -> dict:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False).parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench.gpu_checks: error: these checks need a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)

@@ -2,6 +2,14 @@
 # The GPU benchmark rows of docs/BENCHMARKS.md, in one go: bash bench/gpu_suite.sh [OUTPUT_FILE]
 # Appends one JSON line per benchmark to OUTPUT_FILE (default bench-results.jsonl).
 set -uo pipefail
+case "${1:-}" in
+  -h | --help)
+    echo "usage: bash bench/gpu_suite.sh [OUTPUT_FILE]"
+    echo "Runs the GPU benchmarks of docs/BENCHMARKS.md, appending one JSON line each to OUTPUT_FILE"
+    echo "(default bench-results.jsonl, relative to the checkout)."
+    exit 0 ;;
+  -*) echo "gpu_suite.sh: unknown option $1 (usage: bash bench/gpu_suite.sh [OUTPUT_FILE])" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 OUT_FILE=${1:-bench-results.jsonl}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

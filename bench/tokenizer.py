@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import device_name, emit, versions
+from bench.harness import device_name, emit, versions
 from qwen.tiny_vocab import DEFAULT_VOCAB_SIZE, write_tiny_vocab
 from qwen.tokenization_qwen import QWenTokenizer
 

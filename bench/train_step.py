@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench.common import (
+from bench.harness import (
     SIZES,
     build_random_vlm,
     count_llm_params,

@@ -24,12 +24,12 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPVisionConfig
 
-from bench.common import SIZES, device_name, emit, versions
+from bench.harness import SIZES, device_name, emit, versions
 from common.fileio import write_text
 from model.export_llava import llava_config, write_processing_files
 from qwen import DEFAULT_SYSTEM, QWenConfig
 from qwen.tiny_vocab import write_tiny_vocab
-from visual import CLIPImagePreprocessor, num_image_tokens
+from visual import ImagePreprocessor, num_image_tokens
 
 try:  # optional: vLLM and the real vocabulary (bench/gpu_suite.sh runs this script only where vLLM imports)
     import vllm
@@ -62,7 +62,7 @@ def write_model_folder(size: str, folder: Path) -> tuple[Path, int]:
     write_text(model_dir / "config.json", config.to_json_string())
     size_px = vision.image_size
     write_processing_files(model_dir, vocab_file=vocab_file(folder), system_prompt=DEFAULT_SYSTEM,
-                           preprocessor=CLIPImagePreprocessor(size=size_px, crop_size=(size_px, size_px)),
+                           preprocessor=ImagePreprocessor(size=size_px, crop_size=(size_px, size_px)),
                            patch_size=vision.patch_size, model_max_length=qwen.seq_length, vocab_size=qwen.vocab_size)
     return model_dir, num_image_tokens(vision)
 

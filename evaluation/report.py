@@ -1,7 +1,7 @@
 """The evaluation's three files, each written whole (`common.fileio.write_files`: aside first, then renamed):
 
     metrics.json       the scores (what evaluate.py prints), written last
-    predictions.jsonl  one row per sample: id, prompt, images, prediction, references (+ language, kind, its score,
+    predictions.jsonl  one row per scored sample: id, prompt, images, prediction, references (+ language, kind, its score,
                        and after a generation run the blank and shuffled answers); `evaluate.py --predictions`
                        reads it back
     report.md          the table, and examples: the best and worst captions by sentence CIDEr-D, wrong answers
@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -28,12 +29,21 @@ def dumps(value) -> str:
 
 
 def write_outputs(folder: Path, metrics: dict, rows: list[dict]) -> None:
+    """Write the three files into `folder` (created if missing). On any error (disk full, no permission) no
+    file of `folder` has changed, and the folders this call created are removed again."""
     folder = Path(folder)
-    write_files({  # all written aside first, then renamed in reverse order: metrics.json lands last
-        folder / METRICS_FILE: [dumps(metrics)],
-        folder / REPORT_FILE: [render_report(metrics, rows)],
-        folder / PREDICTIONS_FILE: (json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-    })
+    created = [p for p in (folder, *folder.parents) if not p.exists()][::-1]  # outermost first
+    try:
+        write_files({  # all written aside first, then renamed in reverse order: metrics.json lands last
+            folder / METRICS_FILE: [dumps(metrics)],
+            folder / REPORT_FILE: [render_report(metrics, rows)],
+            folder / PREDICTIONS_FILE: (json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+        })
+    except BaseException:
+        for path in reversed(created):  # innermost first; rmdir removes only an empty folder
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
 
 
 def _fmt(value) -> str:
@@ -51,6 +61,12 @@ def render_report(metrics: dict, rows: list[dict], n_examples: int = 3) -> str:
             lines.append(f"- {key}: `{metrics['settings'][key]}`")
     for lang in LANGUAGES:
         lines.append(f"- tokenizer ({lang}): {metrics['tokenizer'][lang]}")
+    skipped = metrics.get("skipped", {}).get("n")
+    if skipped:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in metrics["skipped"]["by_reason"].items())
+        ids = ", ".join(f"`{r['id']}`" for r in metrics["skipped"]["first"])
+        more = " …" if skipped > len(metrics["skipped"]["first"]) else ""
+        lines.append(f"- skipped, not scored: {skipped} samples whose image could not be loaded ({reasons}): {ids}{more}")
     if "shuffled" in metrics:
         lines.append(f"- blank image: {metrics['settings']['blank']}; shuffled: {metrics['shuffled']['swapped']} of "
                      f"{metrics['settings']['samples']} samples asked about another sample's images, scored against "

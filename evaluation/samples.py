@@ -17,6 +17,7 @@ question asked). A group of one keeps its own images and is counted as not swapp
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections import defaultdict
@@ -61,20 +62,40 @@ def read_processed(path: str | Path, limit: int | None = None) -> list[EvalSampl
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    samples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(samples) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                _fail(where, f"not valid JSON ({e.msg})")
-            samples.append(sample_from_processed(row, where))
-    return samples
+    return [sample_from_processed(row, where) for where, row in itertools.islice(_json_lines(path), limit)]
+
+
+def _json_lines(path: Path):
+    """(where, value) of each non-blank line of a JSON Lines file, read as bytes and checked one line at a time:
+    UTF-8, valid JSON, not nested beyond what Python can read, numbers Python can convert, and Unicode text that
+    can be written again (no lone surrogate such as the escape \\ud800). A bad line raises InputError naming it."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():
+                where = f"{path} line {lineno}"
+                yield where, _parse_json_line(raw, where)
+
+
+def _parse_json_line(raw: bytes, where: str):
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        _fail(where, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)")
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        _fail(where, f"not valid JSON ({e.msg})")
+    except RecursionError:
+        _fail(where, "nested too deeply to read")
+    except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        _fail(where, f"not readable JSON ({str(e).split(':')[0]})")
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        _fail(where, f"holds the lone surrogate \\u{ord(e.object[e.start]):04x}, which is not Unicode text")
+    except RecursionError:
+        _fail(where, "nested too deeply to read")
+    return value
 
 
 def sample_from_processed(row, where: str) -> EvalSample:
@@ -109,6 +130,40 @@ def sample_from_processed(row, where: str) -> EvalSample:
     )
 
 
+def usable_samples(samples: list[EvalSample]) -> tuple[list[EvalSample], list[dict]]:
+    """(the samples whose images all load, {"id", "image", "reason"} of each other sample), both in order.
+
+    Each distinct image is decoded once with `visual.load_image` (a JPEG at reduced scale: every byte is still
+    read and decoded, so a truncated or corrupt file fails here as it would at generation). A sample with an
+    image that is missing, not an image, corrupt or too large is skipped, not scored, and named in the second
+    list with the first such image and `visual.ImageLoadError`'s reason."""
+    from visual import ImageLoadError, load_image
+
+    problem: dict[str, str | None] = {}  # image path -> why it cannot be used (None: it loads)
+    for path in dict.fromkeys(p for s in samples for p in s.images):
+        try:
+            load_image(path, draft_size=(1, 1))
+            problem[path] = None
+        except ImageLoadError as e:
+            problem[path] = e.reason
+    usable, skipped = [], []
+    for s in samples:
+        bad = next((p for p in s.images if problem[p] is not None), None)
+        if bad is None:
+            usable.append(s)
+        else:
+            skipped.append({"id": s.id, "image": bad, "reason": problem[bad]})
+    return usable, skipped
+
+
+def skipped_summary(skipped: list[dict], examples: int = 10) -> dict:
+    """metrics.json's "skipped": {"n", "by_reason": {reason: count}, "first": the first `examples` records}."""
+    by_reason: dict[str, int] = {}
+    for record in skipped:
+        by_reason[record["reason"]] = by_reason.get(record["reason"], 0) + 1
+    return {"n": len(skipped), "by_reason": by_reason, "first": skipped[:examples]}
+
+
 def validation_split(config: str | Path = "config.yaml") -> Path:
     """The validation JSONL that process_image.py writes for `config` (its data section)."""
     from settings import load_config
@@ -122,21 +177,13 @@ def read_predictions(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"predictions file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                rows.append(check_prediction_row(line, f"{path} line {lineno}"))
+    rows = [check_prediction_row(row, where) for where, row in _json_lines(path)]
     if not rows:
         _fail(str(path), "no predictions (the file is empty)")
     return rows
 
 
-def check_prediction_row(line: str, where: str) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        _fail(where, f"not valid JSON ({e.msg})")
+def check_prediction_row(row, where: str) -> dict:
     if not isinstance(row, dict):
         _fail(where, "not a JSON object")
     missing = [k for k in ("id", "language", "prediction", "references") if k not in row]

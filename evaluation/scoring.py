@@ -4,10 +4,12 @@ A row is a dict {"id", "language": "en" | "zh", "kind": "caption" | "qa", "predi
 "answer"?}. Caption rows (captions and long answers) of one language form one corpus: BLEU-1..4 (corpus
 level, closest reference length), ROUGE-L (mean over rows) and CIDEr-D (mean over rows; n-gram document
 frequencies from that corpus's references, so the same row can score differently in another corpus) come
-from pycocoevalcap's own `Bleu(4)`, `Rouge` and `Cider` scorers on the tokens of `evaluation.text`, joined
-by single spaces. (pycocoevalcap's `Cider` is CIDEr-D: clipped counts, a Gaussian length penalty with
-sigma 6, x10.) A row's sentence CIDEr-D is its term of that mean. Qa rows count as correct when the
-normalised prediction equals the normalised `answer` (or, without one, any normalised reference).
+from pycocoevalcap's own `Bleu(4)` and `Cider` scorers and its `Rouge` with a bounded-memory LCS
+(`evaluation.rouge.RougeL`: equal scores) on the tokens of `evaluation.text`, joined by single spaces.
+(pycocoevalcap's `Cider` is CIDEr-D: clipped counts, a Gaussian length penalty with sigma 6, x10.) Memory
+grows with the texts' length, never with a prediction's length times a reference's; nothing is cut. A row's
+sentence CIDEr-D is its term of that mean. Qa rows count as correct when the normalised prediction equals the
+normalised `answer` (or, without one, any normalised reference).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def caption_scores(predictions: list[str], references: list[list[str]], language
     """Corpus metrics {bleu_1..4, rouge_l, cider} and the per-row CIDEr-D of one language's caption rows."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
+
+    from evaluation.rouge import RougeL
 
     if not predictions:
         return dict.fromkeys(CAPTION_METRICS), []
@@ -36,7 +39,7 @@ def caption_scores(predictions: list[str], references: list[list[str]], language
         gts[i] = tokens[k:k + len(refs)]
         k += len(refs)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    rouge, _ = Rouge().compute_score(gts, res)
+    rouge, _ = RougeL().compute_score(gts, res)
     if any(ref.split() for refs in gts.values() for ref in refs):
         cider, per_row = Cider().compute_score(gts, res)
     else:  # no reference has a word: pycocoevalcap's document frequencies would be empty (max() of nothing)
@@ -46,9 +49,13 @@ def caption_scores(predictions: list[str], references: list[list[str]], language
 
 
 def is_correct(row: dict, normalise: Normaliser = normalise_answer) -> bool:
+    """The normalised prediction equals the normalised answer (or a reference). A prediction that normalises to
+    nothing ("" or None: no word, or no label the normaliser knows) is never correct, whatever it is compared to."""
     accepted = [row["answer"]] if row.get("answer") is not None else row["references"]
     predicted = normalise(row["prediction"], row["language"])
-    return predicted is not None and any(predicted == normalise(a, row["language"]) for a in accepted)
+    if predicted is None or predicted == "":
+        return False
+    return any(predicted == normalise(a, row["language"]) for a in accepted)
 
 
 def score_rows(rows: list[dict], *, ptb: bool = False, normalise: Normaliser = normalise_answer):

@@ -153,14 +153,37 @@ def tokenizer_description(language: str, *, ptb: bool = False) -> str:
 # ------------------------------------------------------------------------------------------------ short answers
 
 _ARTICLES = frozenset({"a", "an", "the"})
+# A number written with digits, not glued to Latin letters or other digits ("3rd", "a3", "covid-19" hold none):
+# an optional sign, digits with optional thousands commas, an optional decimal part. Chinese text may follow
+# it directly ("3.5米").
+_NUMBER = re.compile(r"(?<![0-9a-z.,])[+-]?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?(?![0-9a-z])")
+
+
+def _number_value(text: str) -> str:
+    """One spelling per value: "+1,000.50" -> "1000.5", "007" -> "7", "-0.0" -> "0"."""
+    sign = "-" if text.startswith("-") else ""
+    whole, _, fraction = text.lstrip("+-").replace(",", "").partition(".")
+    value = (whole.lstrip("0") or "0") + ("." + fraction.rstrip("0") if fraction.rstrip("0") else "")
+    return value if value == "0" else sign + value
+
+
+def _words(text: str) -> list[str]:
+    """Words of a case-folded text: numbers as their value, punctuation elsewhere a word boundary."""
+    words, start = [], 0
+    for match in _NUMBER.finditer(text):
+        words += "".join(" " if _is_punctuation(ch) else ch for ch in text[start:match.start()]).split()
+        words.append(_number_value(match.group()))
+        start = match.end()
+    return words + "".join(" " if _is_punctuation(ch) else ch for ch in text[start:]).split()
 
 
 def normalise_answer(text: str, language: str) -> str:
-    """A short answer for exact-match comparison: NFKC, case-folded, punctuation removed, English articles
-    dropped, whitespace collapsed (removed entirely in Chinese)."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = "".join(" " if _is_punctuation(ch) else ch for ch in text)
-    words = text.split()
+    """A short answer for exact-match comparison: NFKC, case-folded, punctuation removed, whitespace collapsed
+    (removed entirely in Chinese). A number written with digits keeps its value (sign, decimal point; thousands
+    commas and leading or trailing zeros do not count). In English an article ("a", "an", "the") is dropped
+    only before another word, so the answer "A" (a multiple-choice letter) stays "a". An answer with no word
+    left normalises to "", which `evaluation.scoring.is_correct` never counts as correct."""
+    words = _words(unicodedata.normalize("NFKC", text).casefold())
     if language == "zh":
         return "".join(words)
-    return " ".join(w for w in words if w not in _ARTICLES)
+    return " ".join(w for i, w in enumerate(words) if not (w in _ARTICLES and i + 1 < len(words)))

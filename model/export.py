@@ -10,9 +10,12 @@ The base config's `auto_map` entries (the official repository's remote code) are
 files the base folder has, which are then copied too: an export never names a file it does not ship.
 
 The folder is written aside and renamed into place whole, with a marker file saying that this command made
-it. `--overwrite` replaces only a folder that holds a previous export (the marker, or the `vlm_config.json`
-of a merged export); any other non-empty folder is refused. An output that is a file, or that is, contains
-or lies inside the checkpoint or a base model folder being read, is refused before any work.
+it and, written last, the list of the files it wrote (common/owned_folder.py). `--overwrite` replaces only a
+previous export whose every file is on its list: anything else in it (evaluate.py's results, a user's notes)
+is named and nothing is changed. One export at a time per output folder; a killed one's leftovers are cleaned,
+and a replacement it left half done is finished or rolled back, by the next export to that folder. An output
+that is a file, or that is, contains or lies inside the checkpoint or a base model folder being read, is
+refused before any work. A failed write (disk full, read-only folder) is one message; the output is as it was.
 
 `--format llava` writes a transformers-native folder instead (LlavaForConditionalGeneration with a Qwen2 text
 model, tokenizer.json, processor files, chat template, model card; model/export_llava.py lists them), under the
@@ -32,12 +35,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from common.fileio import staged_folder
-from common.paths import created_by, is_within, mark_created
+from common.owned_folder import FolderBusyError, owned_folder
+from common.paths import is_within
 from qwen.checkpoint import INDEX_FILE, SINGLE_FILE, save_sharded_safetensors
 
 from .bundle import PROJECTOR_FILE, load_vlm
-from .config import BUNDLE_CONFIG_FILE, VLMConfig
+from .config import VLMConfig
 from .export_llava import write_llava
 
 BASE_FILES = ("config.json", "generation_config.json", "qwen.tiktoken", "tokenizer_config.json")
@@ -60,18 +63,9 @@ def checkpoint_dtype(folder: Path) -> torch.dtype:
     return torch.float32
 
 
-def is_previous_export(folder: Path) -> bool:
-    """A folder this command wrote: its marker, or (exports from before the marker) a merged vlm_config.json."""
-    if created_by(folder) == CREATED_BY:
-        return True
-    try:
-        return json.loads((folder / BUNDLE_CONFIG_FILE).read_text()).get("merged") is True
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def check_output(output: Path, inputs: dict[str, Path], overwrite: bool) -> None:
-    """Before any work: `output` may be written (FileExistsError / ValueError naming the problem)."""
+def check_output(output: Path, inputs: dict[str, Path]) -> None:
+    """Before any work: `output` is a folder (or new), and none of the `inputs` (FileExistsError / ValueError
+    naming the problem). Whether an existing folder may be replaced is owned_folder's check."""
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"--output {output} is a file; name a folder")
     for label, folder in inputs.items():
@@ -79,14 +73,6 @@ def check_output(output: Path, inputs: dict[str, Path], overwrite: bool) -> None
             raise ValueError(f"--output {output} is or contains the {label} being read ({folder}); name another folder")
         if is_within(output, folder):
             raise ValueError(f"--output {output} is inside the {label} being read ({folder}); name another folder")
-    if output.is_dir() and any(output.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{output} exists and is not empty (pass --overwrite to replace a previous export)")
-        if not is_previous_export(output):
-            raise FileExistsError(
-                f"--overwrite: {output} is not a previous export (no {BUNDLE_CONFIG_FILE} of a merged model, no "
-                "marker); it is left alone: remove it yourself or name another folder"
-            )
 
 
 def portable_config(source: Path, staging: Path) -> None:
@@ -109,14 +95,21 @@ def portable_config(source: Path, staging: Path) -> None:
     (staging / source.name).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def _load_merged(checkpoint: Path, output: Path, overwrite: bool):
-    """(base QWen folder, CLIP folder, model with LoRA folded in, bundle config) of `checkpoint`, once `output`
-    is known to be writable. Merged in fp32, whatever the base dtype, so the fold-in adds no rounding of its own."""
+def _base_folders(checkpoint: Path, output: Path) -> tuple[Path, Path]:
+    """(base QWen folder, CLIP folder) of `checkpoint`, once `output` is known to be none of the inputs."""
     llm_path, vision_path = (Path(p) for p in VLMConfig.load(checkpoint).resolve(checkpoint))
-    check_output(output, {"checkpoint": checkpoint, "base QWen folder": llm_path, "CLIP folder": vision_path},
-                 overwrite)
-    model, config = load_vlm(checkpoint, dtype=torch.float32, merge_lora=True)
-    return llm_path, vision_path, model, config
+    check_output(output, {"checkpoint": checkpoint, "base QWen folder": llm_path, "CLIP folder": vision_path})
+    return llm_path, vision_path
+
+
+def _load_merged(checkpoint: Path):
+    """The model of `checkpoint` with its LoRA folded in, and its bundle config. Merged in fp32, whatever the base
+    dtype, so the fold-in adds no rounding of its own."""
+    return load_vlm(checkpoint, dtype=torch.float32, merge_lora=True)
+
+
+def _say(message: str) -> None:
+    print(f"export: {message}", file=sys.stderr)
 
 
 def export_merged(
@@ -128,15 +121,16 @@ def export_merged(
     max_shard_bytes: int = 2 * 1024**3,
     overwrite: bool = False,
 ) -> Path:
+    """The merged folder of a bundle in the official Qwen-7B layout (module docstring), written whole."""
     checkpoint, output = Path(checkpoint), Path(output)
     family = VLMConfig.load(checkpoint).text.family
     if family != "qwen":
         raise ValueError(f"--format qwen writes Qwen-7B's official layout, for a QWen v1 language model only; "
                          f"{checkpoint} was trained on a {family} model: use --format llava")
-    llm_path, vision_path, model, config = _load_merged(checkpoint, output, overwrite)
+    llm_path, vision_path = _base_folders(checkpoint, output)
     dtype = dtype or checkpoint_dtype(llm_path)
-
-    with staged_folder(output) as staging:
+    with owned_folder(output, CREATED_BY, overwrite=overwrite, say=_say) as staging:
+        model, config = _load_merged(checkpoint)
         for name in BASE_FILES:
             if not (llm_path / name).is_file():
                 continue
@@ -160,7 +154,6 @@ def export_merged(
             merged=True, adapter=False,
         )
         merged.save(staging)
-        mark_created(staging, CREATED_BY)
     return output
 
 
@@ -175,12 +168,19 @@ def export_llava(
     """The transformers-native LLaVA folder of a bundle (model/export_llava.py), written whole. `dtype` defaults
     to the base QWen checkpoint's (bf16 for Qwen-7B-Chat)."""
     checkpoint, output = Path(checkpoint), Path(output)
-    llm_path, vision_path, model, config = _load_merged(checkpoint, output, overwrite)
-    with staged_folder(output) as staging:
+    llm_path, vision_path = _base_folders(checkpoint, output)
+    with owned_folder(output, CREATED_BY, overwrite=overwrite, say=_say) as staging:
+        model, config = _load_merged(checkpoint)
         write_llava(staging, model, config, checkpoint=checkpoint, llm_path=llm_path, vision_path=vision_path,
                     dtype=dtype or checkpoint_dtype(llm_path), max_shard_bytes=max_shard_bytes, name=output.name)
-        mark_created(staging, CREATED_BY)
     return output
+
+
+def describe_os_error(e: OSError) -> str:
+    """"No space left on device: PATH" rather than "[Errno 28] ..."."""
+    if e.strerror and e.filename:
+        return f"{e.strerror}: {e.filename}"
+    return e.strerror or str(e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-copy-vision", dest="copy_vision", action="store_false",
                         help="reference the CLIP folder instead of copying it into <output>/vision")
     parser.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard, in GiB")
-    parser.add_argument("--overwrite", action="store_true", help="replace a previous export in --output (never "
-                        "another folder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous export in --output, only when "
+                        "every file in it is one the export wrote (it is listed)")
     parser.add_argument("--format", choices=("qwen", "llava"), default="qwen",
                         help="qwen: the official Qwen-7B layout + projector (default); llava: transformers-native "
                              "LlavaForConditionalGeneration with a Qwen2 text model (vLLM, SGLang, lmms-eval)")
@@ -210,8 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out = export_merged(args.checkpoint, args.output, dtype=dtype, copy_vision=args.copy_vision,
                                 max_shard_bytes=max_shard_bytes, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, FolderBusyError) as e:
         print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, a read-only folder, no permission
+        print(f"export: error: {describe_os_error(e)}; nothing was exported, {args.output} is as it was",
+              file=sys.stderr)
         return 2
     print(f"exported {'transformers-native LLaVA' if args.format == 'llava' else 'merged'} model to {out}")
     return 0

@@ -9,6 +9,13 @@ there and every file it lists has its size: a save cut short by a crash or SIGKI
 truncated afterwards no longer matches it. `--resume_from_checkpoint latest` takes the newest complete one and
 says which newer ones it passed over; a named checkpoint that is incomplete is refused with the reason.
 
+A resume restores some settings from the checkpoint whatever the command line says: the optimizer's parameter
+groups (optimizer.pt: each group's learning rate, which the restored schedule (scheduler.pt) keeps as its peak,
+weight decay, Adam betas and epsilon) and the Trainer's step intervals (trainer_state.json: logging, evaluation
+and save steps). `check_resume_settings` refuses a resume whose command line asks for other values of these,
+which would silently not apply. What the command line does change on a resume: the schedule's length and shape
+(max_steps or epochs, warmup, scheduler type: recomputed from the new values), the batch size and everything else.
+
 A run never silently replaces another: `check_output_dir` refuses a non-empty output folder unless the run
 resumes (it continues the run in that folder) or `--overwrite_output_dir` says so; `clear_previous_run` then
 deletes what a run writes there (checkpoints, the final bundle, metrics, evaluation results, logs), so that no
@@ -18,10 +25,13 @@ file describes a model that no longer exists, and leaves anything else.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 from pathlib import Path
+
+import torch
 
 from common.fileio import fsync_file, write_json
 from model.bundle import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BUNDLE_CONFIG_FILE, PROJECTOR_FILE
@@ -43,6 +53,10 @@ class CheckpointError(FileNotFoundError):
 
 class OutputDirError(ValueError):
     """An output folder that a run may not write into."""
+
+
+class ResumeSettingsError(ValueError):
+    """A resume asked for settings that the checkpoint's restored state would override."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,6 +142,62 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> tuple[s
     if reason is not None:
         raise CheckpointError(f"cannot resume from {resume}: not a complete checkpoint ({reason})")
     return resume, notes
+
+
+# --------------------------------------------------------------------------------------------------
+# What a resume restores
+# --------------------------------------------------------------------------------------------------
+
+# The setting behind each optimizer group's learning rate, by the group's side (training/trainer.py names the groups
+# "<side>/decay" and "<side>/no_decay").
+GROUP_LEARNING_RATES = {"llm": "learning_rate", "projector": "projector_learning_rate"}
+RESTORED_SETTINGS = ("learning_rate", "projector_learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
+                     "adam_epsilon", "logging_steps", "eval_steps", "save_steps")
+
+
+def restored_settings(checkpoint: str | os.PathLike, args) -> dict[str, float]:
+    """The training settings that resuming from `checkpoint` takes from it, with the checkpoint's values: the
+    optimizer groups' (peak) learning rates, weight decay, Adam betas and epsilon from optimizer.pt, and the
+    logging, evaluation and save steps of trainer_state.json where `args` counts them in steps (a fraction of the
+    run is not compared). A checkpoint without optimizer.pt (DeepSpeed keeps its own) gives only the latter."""
+    folder = Path(checkpoint)
+    found: dict[str, float] = {}
+    if (folder / "optimizer.pt").is_file():  # mmap: only the small parameter-group records are read
+        groups = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)["param_groups"]
+        for group in groups:
+            side, _, decay = str(group.get("name", "")).partition("/")
+            if side in GROUP_LEARNING_RATES:
+                found[GROUP_LEARNING_RATES[side]] = group.get("initial_lr", group["lr"])  # the schedule's peak
+            if decay == "decay":
+                found["weight_decay"] = group["weight_decay"]
+            if isinstance(group.get("betas"), (list, tuple)) and len(group["betas"]) == 2:
+                found["adam_beta1"], found["adam_beta2"] = group["betas"]
+            if isinstance(group.get("eps"), float):
+                found["adam_epsilon"] = group["eps"]
+    state = json.loads((folder / "trainer_state.json").read_text())
+    for kind in ("logging", "eval", "save"):
+        wanted, saved = getattr(args, f"{kind}_steps", None), state.get(f"{kind}_steps")
+        in_steps = getattr(args, f"{kind}_strategy", None) == "steps" and wanted is not None and wanted >= 1
+        if in_steps and saved is not None:
+            found[f"{kind}_steps"] = saved
+    return found
+
+
+def check_resume_settings(checkpoint: str | None, args) -> None:
+    """ResumeSettingsError naming every setting of `args` that differs from what resuming from `checkpoint`
+    restores (`restored_settings`): it would not apply, and the run would go on at the checkpoint's values."""
+    if not checkpoint:
+        return
+    restored = restored_settings(checkpoint, args)
+    differ = [f"{name} {getattr(args, name):g} (the checkpoint's: {restored[name]:g})"
+              for name in RESTORED_SETTINGS
+              if name in restored and not math.isclose(float(getattr(args, name)), float(restored[name]), rel_tol=1e-6)]
+    if differ:
+        raise ResumeSettingsError(
+            f"cannot resume from {checkpoint} with {', '.join(differ)}: a resume restores these from the checkpoint "
+            "(optimizer, learning-rate schedule, trainer state), so the new values would not apply. Resume with the "
+            "checkpoint's values, or start a new run with the new ones (another --output_dir, or "
+            "--overwrite_output_dir)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ users such as `process_image.py`, which only reads images, start fast.
 
 from common.lazy import lazy_exports
 
-from .images import CLIPImagePreprocessor, ImageLoadError, ImagePreprocessor, load_image
+from .images import ImageLoadError, ImagePreprocessor, load_image
 
 __getattr__ = lazy_exports(__name__, {
     "CheckpointError": ".checkpoint",
@@ -27,7 +27,6 @@ __getattr__ = lazy_exports(__name__, {
 })
 
 __all__ = [
-    "CLIPImagePreprocessor",
     "CLIPVisionTower",
     "CheckpointError",
     "FrozenVisionTower",

@@ -25,7 +25,10 @@ openai/clip-vit-large-patch14 (`"size": 224`, `"crop_size": 224`) or the newer o
 `{"height": 224, "width": 224}`, `do_rescale`, `rescale_factor`, `do_convert_rgb`), or SigLIP's
 (`"image_processor_type": "SiglipImageProcessor"`, `"size": {"height": 384, "width": 384}`). A key that would
 change the result in a way not implemented here, or a key we do not know, is a ValueError naming the key and
-the file. `CLIPImagePreprocessor` is the same class under its former name.
+the file.
+
+`shrink(image)` is what to keep of an image that is preprocessed later (a chat's earlier images): a small
+image that preprocesses to exactly the same pixels.
 """
 
 from __future__ import annotations
@@ -85,8 +88,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, draft_size: tuple[int, int] | None = None) -> Image.Image:
+def load_image(path: str | os.PathLike, draft_size: tuple[int, int] | None = None,
+               max_pixels: int | None = None) -> Image.Image:
     """Open, fully decode, orient (EXIF) and convert to RGB. Raises `ImageLoadError`.
+
+    An image of more than `max_pixels` (default `MAX_IMAGE_PIXELS`) is refused as "too large" from its header,
+    before anything is decoded.
 
     `draft_size` (for checks that only need to know the file decodes, like process_image.py): a JPEG
     may then be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), never below this size. Every
@@ -98,17 +105,16 @@ def load_image(path: str | os.PathLike, draft_size: tuple[int, int] | None = Non
         raise ImageLoadError(path, "missing")
     if not os.path.isfile(path):
         raise ImageLoadError(path, "not a file")
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 # Pillow only raises above twice its limit (and warns in between), so check ours here.
-                if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise ImageLoadError(
-                        path, "too large", f"{img.width}x{img.height} is over {MAX_IMAGE_PIXELS} pixels"
-                    )
+                if img.width * img.height > limit:
+                    raise ImageLoadError(path, "too large", f"{img.width}x{img.height} is over {limit:,} pixels")
                 if draft_size is not None and img.format == "JPEG":
                     img.draft(None, draft_size)
                 img.load()  # decode every byte now: a truncated file fails here, not later
@@ -299,12 +305,16 @@ class ImagePreprocessor:
 
     # The math ------------------------------------------------------------------------------------------
 
+    def _rgb(self, image: Image.Image) -> Image.Image:
+        if image.mode == "RGB":
+            return image
+        if not self.do_convert_rgb:
+            raise ValueError(f"image mode {image.mode} is not RGB and do_convert_rgb is False")
+        return to_rgb(image)
+
     def preprocess_image(self, image: Image.Image) -> np.ndarray:
         """One PIL image -> float32 array [3, height, width]."""
-        if image.mode != "RGB":
-            if not self.do_convert_rgb:
-                raise ValueError(f"image mode {image.mode} is not RGB and do_convert_rgb is False")
-            image = to_rgb(image)
+        image = self._rgb(image)
         if self.do_resize:
             image = image.resize(self.resized_size(*image.size), resample=self.resample)
         pixels = np.asarray(image)  # [H, W, 3] uint8
@@ -317,6 +327,28 @@ class ImagePreprocessor:
         if self.do_normalize:
             values = (values - self._mean) / self._std
         return np.ascontiguousarray(values.transpose(2, 0, 1))  # [3, H, W]
+
+    def shrink(self, image: Image.Image) -> Image.Image:
+        """What to keep of an image that is preprocessed later: the smallest RGB image that `preprocess_image`
+        turns into exactly the pixels of `image`. With resize and centre crop on, it is at most
+        max(size, crop) pixels a side (CLIP: 224 x 224, 150 KB, for a 10k px photo of 300 MB); with an exact resize
+        (SigLIP), the resized image itself.
+
+        It is `image` resized (shortest edge `size`), then cut down to what the centre crop reads. Preprocessing
+        it again resizes nothing (the shortest edge already is `size`: PIL copies an image resized to its own
+        size) and crops the same pixels: an edge is cut to max(crop, size), so the shortest stays `size`, at an
+        offset that puts the crop's window where it was (floor((kept - crop) / 2) from the cut's start)."""
+        image = self._rgb(image)
+        if self.do_resize:
+            image = image.resize(self.resized_size(*image.size), resample=self.resample)
+        if not self.do_center_crop:
+            return image
+        floor = self.size if self.do_resize else 0
+        (width, left), (height, top) = (_centre_cut(image.width, self.crop_size[1], floor),
+                                        _centre_cut(image.height, self.crop_size[0], floor))
+        if (width, height) == image.size:
+            return image
+        return image.crop((left, top, left + width, top + height))
 
     def __call__(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> float32 tensor [N, 3, H, W] (one image gives N = 1)."""
@@ -337,9 +369,6 @@ class ImagePreprocessor:
         return torch.from_numpy(self.preprocess_image(load_image(path)))
 
 
-# The name this class had when it did CLIP's preprocessing only; callers move to ImagePreprocessor.
-CLIPImagePreprocessor = ImagePreprocessor
-
 
 def _center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
     """[H, W, C] -> [crop_height, crop_width, C]; an image smaller than the crop is zero padded around it."""
@@ -354,6 +383,13 @@ def _center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.nd
         padded[pad_top : pad_top + height, pad_left : pad_left + width] = pixels
         pixels, top, left = padded, top + pad_top, left + pad_left
     return pixels[top : top + crop_height, left : left + crop_width]
+
+
+def _centre_cut(length: int, crop: int, floor: int) -> tuple[int, int]:
+    """(kept length, start) of one edge for `shrink`: at most max(crop, floor) pixels, placed so that a centre
+    crop of the kept part starts where the centre crop of the whole edge starts."""
+    kept = min(length, max(crop, floor))  # an edge shorter than the crop (padded by preprocessing) is kept whole
+    return kept, (length - crop) // 2 - (kept - crop) // 2
 
 
 def _shortest_edge(value, source: str) -> int:

@@ -99,6 +99,27 @@ def test_a_previous_run_is_replaced_only_with_consent(project, tmp_path):
     assert "stale" not in (out / "eval_results.json").read_text()
 
 
+def test_a_resume_refuses_settings_that_the_checkpoint_would_override(project, tmp_path):
+    out = tmp_path / "out"
+    command = ["train.py", "--config", str(project / "config.yaml"), "--output_dir", str(out), "--save_steps", "2",
+               *FAST]
+    first = run(*command, "--max_steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = sorted(p.name for p in out.rglob("*"))
+    resume = [*command, "--max_steps", "4", "--resume_from_checkpoint", "latest"]  # a longer run: that applies
+
+    # the config trained at 5e-3 (LoRA) and 1e-2 (projector), no weight decay, a log line every step
+    faster = run(*resume, "--learning_rate", "5e-2")  # the LR=5e-2 (train.sh passes it on as this flag)
+    assert faster.returncode == 2 and "Traceback" not in faster.stderr
+    assert (f"train.py: error: cannot resume from {out / 'checkpoint-2'} with learning_rate 0.05 (the checkpoint's: "
+            "0.005): a resume restores these from the checkpoint") in faster.stderr
+    several = run(*resume, "--projector_learning_rate", "0.5", "--weight_decay", "0.1", "--logging_steps", "2")
+    assert several.returncode == 2
+    assert ("with projector_learning_rate 0.5 (the checkpoint's: 0.01), weight_decay 0.1 (the checkpoint's: 0), "
+            "logging_steps 2 (the checkpoint's: 1):") in several.stderr
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing trained, nothing written
+
+
 def rows(project) -> list[dict]:
     return [json.loads(line) for line in (project / "data" / "train.jsonl").read_text().splitlines()]
 

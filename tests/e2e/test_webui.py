@@ -10,6 +10,8 @@ reason (see `pytest -ra`); `.ci/run` installs chromium.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import html
 import os
 import re
 import shutil
@@ -20,7 +22,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from inference import Prompt, generate_answers
@@ -399,6 +403,194 @@ def test_screenshot_of_an_exchange(browser, app, reference, files, tmp_path):
             stop_app(proc)
 
 
+# ------------------------------------------------------------------- the server's memory and the API (no browser)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_bundle_dir):
+    """The app in this process, so that the tests can look at what each session holds; (app, url)."""
+    import webui
+    from inference import load_checkpoint
+
+    app = webui.build_app(load_checkpoint(tiny_bundle_dir, device="cpu"))
+    app.queue(default_concurrency_limit=1)
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, show_error=True, quiet=True)
+    yield app, f"http://127.0.0.1:{port}/"
+    app.close()
+
+
+@pytest.fixture
+def client(served):
+    gradio_client = pytest.importorskip("gradio_client")
+    client = gradio_client.Client(served[1], verbose=False)
+    yield client
+    client.close()
+
+
+def state_of(app, client) -> list:
+    """The values of the session's gr.State components (the conversation's turns, the pending message)."""
+    return list(app.state_holder.session_data[client.session_hash].state_data.values())
+
+
+def turns_of(app, client) -> list:
+    return next((value for value in state_of(app, client) if isinstance(value, list)), [])
+
+
+def pending_of(app, client):
+    import webui
+
+    return next((value for value in state_of(app, client) if isinstance(value, webui.Pending)), None)
+
+
+def image_bytes(value) -> int:
+    """Bytes of the pixels held by a state value: every PIL image in it, however nested."""
+    if isinstance(value, Image.Image):
+        return value.width * value.height * len(value.getbands())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = [getattr(value, f.name) for f in dataclasses.fields(value)]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(image_bytes(v) for v in value)
+    return 0
+
+
+def gallery(*paths):
+    from gradio_client import handle_file
+
+    return [{"image": handle_file(str(p)), "caption": None} for p in paths]
+
+
+def text_parts(chat) -> list:
+    """A chat as returned by the API, without its pictures: the API does not take its own file parts back."""
+    return [{**m, "content": [part for part in m["content"] if part.get("type") != "file"]} for m in chat]
+
+
+def api_ask(client, text: str, images=(), chat=(), temperature=0.0, max_new_tokens=12):
+    """Sends a message and gets its answer as the page's Send does; (chat after the answer, status)."""
+    sent = client.predict(gallery(*images) if images else None, text, text_parts(chat), "You are a test.",
+                          temperature, max_new_tokens, api_name="/submit")
+    assert sent[-1] == "", sent[-1]  # the status line: no complaint
+    return client.predict(api_name="/answer")
+
+
+def api_answer_text(chat) -> str:
+    return html.unescape(chat[-1]["content"][0]["text"])
+
+
+def noise_photo(path: Path, width: int, height: int, seed: int) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)  # any shift shows
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_a_conversation_keeps_its_images_only_as_the_model_reads_them(served, client, reference, tmp_path):
+    app, _ = served
+    photos = [noise_photo(tmp_path / f"photo{i}.png", 1600, 1200 - 300 * i, seed=i) for i in range(3)]
+    chat, status = api_ask(client, "Is <image> like <image>?", photos[:2])
+    q1 = f"Is {TAG} like {TAG}?"
+    assert api_answer_text(chat) == reference.answer(q1, photos[:2], max_new_tokens=12) and status == ""
+    chat, _ = api_ask(client, "And this one?", photos[2:], chat)
+    history = [(q1, api_answer_text(chat[:2]))]
+    assert api_answer_text(chat) == reference.answer(f"{TAG}\nAnd this one?", photos, history, max_new_tokens=12)
+
+    # the session holds three images of at most 56 x 56 (the tiny tower's size and crop), not 17 MB of photos
+    side = max(reference.processor.size, *reference.processor.crop_size)
+    held = image_bytes(state_of(app, client))
+    assert 0 < held <= 3 * 3 * side * side, held
+    # ... and exactly the pixels that preprocessing the uploads gives
+    kept = [image for turn in turns_of(app, client) for image in turn.images]
+    assert len(kept) == 3
+    for image, photo in zip(kept, photos):
+        assert torch.equal(reference.processor([image]), reference.processor([load_image(photo)]))
+
+
+def test_turns_that_no_longer_fit_the_prompt_are_dropped_from_the_session(served, client, reference):
+    app, _ = served
+    words = " ".join(f"w{i}" for i in range(1400))  # a message of about 4000 tokens: two do not fit in 6144
+    assert 3100 < len(reference.tokenizer.encode(words)) < 6000
+    chat, status = api_ask(client, words, max_new_tokens=1)
+    chat, status = api_ask(client, words, chat=chat, max_new_tokens=1)
+    assert "The 1 oldest turn(s) no longer fit in the prompt and were dropped" in status
+    assert len(turns_of(app, client)) == 1  # what the model no longer sees is not kept either
+
+
+def test_an_upload_over_the_pixel_cap_is_refused_from_its_header(served, client, tmp_path):
+    import webui
+
+    big = tmp_path / "big.png"
+    Image.new("1", (10_000, 10_000)).save(big)  # the issue's 10000 x 10000 PNG (1 bit a pixel: a small file)
+    assert webui.MAX_UPLOAD_PIXELS < 10_000 * 10_000
+    sent = client.predict(gallery(big), "What is it?", [], "You are a test.", 0.0, 12, api_name="/submit")
+    assert sent[-1] == (f"⚠ Cannot use big.png: too large (10000x10000 is over {webui.MAX_UPLOAD_PIXELS:,} pixels). "
+                        "It was removed; nothing was sent.")
+    assert image_bytes(state_of(served[0], client)) == 0
+
+
+@pytest.mark.parametrize("temperature,max_new_tokens,message", [
+    (5.0, 12, "greater than maximum value 2"),  # the slider's own range check
+    (0.0, 100_000, "greater than maximum value 2048"),
+    (0.0, 12.5, "⚠ Max new tokens 12.5: must be a whole number from 1 to 2048. Nothing was sent."),
+])
+def test_controls_sent_through_the_api_are_checked_and_the_next_question_is_answered(
+        served, client, reference, temperature, max_new_tokens, message):
+    from gradio_client.exceptions import AppError
+
+    try:
+        sent = client.predict(None, "Why?", [], "You are a test.", temperature, max_new_tokens, api_name="/submit")
+        said = sent[-1]
+    except AppError as e:
+        said = str(e)
+    assert message in said
+    assert pending_of(served[0], client) is None  # no message left pending: the next one goes
+    chat, status = api_ask(client, "Why?")
+    assert api_answer_text(chat) == reference.answer("Why?", max_new_tokens=12) and status == ""
+
+
+@pytest.mark.parametrize("button", ["/stop_answer", "/clear"])
+def test_stop_and_clear_withdraw_a_message_whose_answer_never_came(served, client, reference, button):
+    first, _ = api_ask(client, "Why?")
+    # sent, but its answer step never runs (an API client that does not ask for it): the message stays pending
+    sent = client.predict(None, "How?", first, "You are a test.", 0.0, 12, api_name="/submit")
+    assert len(sent[0]) == 3
+    again = client.predict(None, "How?", sent[0], "You are a test.", 0.0, 12, api_name="/submit")
+    assert again[-1] == "Still answering the last message: wait, or press Stop."
+    reset = client.predict(api_name=button)
+    if button == "/stop_answer":  # the withdrawn message leaves the chat; the conversation stays
+        assert reset == (first, "Stopped before the answer began; the message was not sent.")
+        chat, status = api_ask(client, "How?", chat=first)
+        assert api_answer_text(chat) == reference.answer("How?", history=[("Why?", api_answer_text(first))],
+                                                         max_new_tokens=12)
+    else:
+        assert reset[:2] == ([], "")
+        chat, status = api_ask(client, "How?")
+        assert api_answer_text(chat) == reference.answer("How?", max_new_tokens=12)
+    assert status == ""
+
+
+def test_a_closed_session_is_freed_at_once(served, tiny_bundle_dir, tmp_path):
+    gradio_client = pytest.importorskip("gradio_client")
+    app, url = served
+    client = gradio_client.Client(url, verbose=False)
+    chat, _ = api_ask(client, "What is it?", [noise_photo(tmp_path / "photo.png", 300, 200, seed=5)])
+    session = client.session_hash
+    assert image_bytes(state_of(app, client)) > 0
+    client.close()  # like closing the tab: its heartbeat connection ends
+    deadline = time.monotonic() + 60
+    while app.state_holder.session_data[session].state_data and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert app.state_holder.session_data[session].state_data == {}
+
+    # a page that still shows a conversation the server no longer holds is told so, rather than answered without it
+    client = gradio_client.Client(url, verbose=False)
+    try:
+        sent = client.predict(None, "And then?", text_parts(chat), "You are a test.", 0.0, 12, api_name="/submit")
+        assert sent[-1].startswith("⚠ The server has ended this session and no longer holds its conversation")
+    finally:
+        client.close()
+
+
 # ------------------------------------------------------------------------------------- start-up errors (no browser)
 
 
@@ -425,3 +617,37 @@ def test_a_missing_or_broken_checkpoint_is_one_message_and_exit_status_2(tiny_bu
     err = capsys.readouterr().err  # (loading progress bars may come first)
     last = err.strip().splitlines()[-1]
     assert last.startswith("webui.py: error: ") and message in last and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--port", "99999"], "argument --port: '99999' is not a port number (1 to 65535)"),
+    (["--host", "999.1.1.1"], "--host 999.1.1.1: not an address or a name this machine knows"),
+    (["--port", "{taken}"], "port {taken} is in use on 127.0.0.1"),
+])
+def test_a_host_or_port_that_cannot_be_served_is_one_message_before_the_model_loads(tmp_path, flags, message):
+    missing = tmp_path / "no-checkpoint"  # checked after the address: its message would come first otherwise
+    with socket.socket() as other:  # another server on a port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        done = subprocess.run([sys.executable, "webui.py", "--checkpoint", str(missing),
+                               *(flag.format(taken=taken) for flag in flags)],
+                              check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith("webui.py: error: ") and "Traceback" not in done.stderr
+    assert message.format(taken=taken) in last, done.stderr
+
+
+@pytest.mark.parametrize("temperature,max_new_tokens,problem", [
+    (0.0, 512, None), (2.0, 1, None), (0.7, 2048.0, None),
+    (float("nan"), 512, "temperature nan: must be a number from 0 to 2"),
+    (float("inf"), 512, "temperature inf: must be a number from 0 to 2"),
+    ("hot", 512, "temperature 'hot': must be a number from 0 to 2"),
+    (0.0, 0, "max new tokens 0: must be a whole number from 1 to 2048"),
+    (0.0, 3.5, "max new tokens 3.5: must be a whole number from 1 to 2048"),
+    (0.0, float("nan"), "max new tokens nan: must be a whole number from 1 to 2048"),
+])
+def test_the_controls_are_checked_on_the_server(temperature, max_new_tokens, problem):
+    import webui
+
+    assert webui.controls_problem(temperature, max_new_tokens) == problem

@@ -185,7 +185,9 @@ def test_generate_mode_end_to_end_equals_infer_and_batch_size_does_not_matter(bu
     one, one_rows = evaluate_samples(loaded, read_processed(data_file), batch_size=1,
                                      max_new_tokens=6, progress=False)
     assert one_rows == rows
-    assert {k: v for k, v in one.items() if k != "settings"} == {k: v for k, v in metrics.items() if k != "settings"}
+    assert metrics["skipped"] == {"n": 0, "by_reason": {}, "first": []}  # evaluate.py's: every image loaded
+    assert {k: v for k, v in one.items() if k != "settings"} == \
+        {k: v for k, v in metrics.items() if k not in ("settings", "skipped")}
 
     # scoring the written predictions again gives the same with-image scores
     rescored = run("evaluate.py", "--predictions", str(out / "predictions.jsonl"), "--output", str(tmp_path / "re"))
@@ -241,6 +243,127 @@ def test_predictions_mode_exits_2_naming_the_bad_line(tmp_path, bad, message):
     assert result.stderr.startswith("evaluate.py: error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
     assert not (tmp_path / "pred-scored").exists()
+
+
+@pytest.mark.parametrize("line,message", [
+    (b'{"id": 9, "language": "en", "prediction": "caf\xe9", "references": ["y"]}', "line 2: not UTF-8 text (byte 0xe9"),
+    (b'{"id": 9, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "line 2: nested too deeply to read"),
+    (b'{"id": ' + b"7" * 5000 + b', "language": "en", "prediction": "x", "references": ["y"]}',
+     "line 2: not readable JSON (Exceeds the limit"),
+    (b'{"id": 9, "language": "en", "prediction": "\\ud800", "references": ["y"]}',
+     "line 2: holds the lone surrogate \\ud800"),
+], ids=["not-utf8", "deeply-nested", "5000-digit-id", "lone-surrogate"])
+def test_predictions_mode_refuses_an_unreadable_line_naming_it_and_writes_nothing(tmp_path, line, message):
+    source = tmp_path / "pred.jsonl"
+    source.write_bytes(json.dumps(GOOD_ROWS[0]).encode() + b"\n" + line + b"\n")
+    result = run("evaluate.py", "--predictions", str(source))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("evaluate.py: error: ") and message in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert not (tmp_path / "pred-scored").exists()
+
+
+def run_without_write_permission(*args):
+    """evaluate.py bound by the folders' permission bits: as this user, or as root without the capabilities that
+    let root write into a read-only folder (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)."""
+    prefix = []
+    if os.geteuid() == 0:
+        import shutil
+
+        if shutil.which("setpriv") is None:
+            pytest.skip("root writes into read-only folders, and setpriv (util-linux) is not here to drop that")
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--"]
+    return subprocess.run([*prefix, sys.executable, *args], check=False, cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_read_only_output_folder_is_refused_before_scoring_and_left_as_it_was(tmp_path):
+    source = tmp_path / "pred.jsonl"
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in GOOD_ROWS), encoding="utf-8")
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    (previous / "metrics.json").write_text('{"old": true}\n')
+    previous.chmod(0o555)
+    try:
+        for output in (previous, previous / "new"):  # the read-only folder itself, or a folder to create in it
+            result = run_without_write_permission("evaluate.py", "--predictions", str(source), "--output", str(output))
+            assert result.returncode == 2, result.stderr[-2000:]
+            assert result.stderr.startswith(f"evaluate.py: error: cannot write the output folder {output}: ")
+            assert "is not writable" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+            assert [p.name for p in previous.iterdir()] == ["metrics.json"]
+            assert (previous / "metrics.json").read_text() == '{"old": true}\n'
+    finally:
+        previous.chmod(0o755)
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["into-a-previous-result", "into-a-new-folder"])
+def test_a_full_disk_while_writing_is_one_message_and_changes_nothing(tmp_path, monkeypatch, capsys, existing):
+    """The disk fills while the files are written (the error surfaces when a staged file is flushed): exit
+    status 1, one line, the previous results untouched, no partial file, and no folder left that the run made."""
+    import errno
+
+    import common.fileio
+    from evaluate import main
+
+    def full(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    source = tmp_path / "pred.jsonl"
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in GOOD_ROWS), encoding="utf-8")
+    output = tmp_path / "previous" if existing else tmp_path / "new" / "deeper"
+    if existing:
+        output.mkdir()
+        (output / "metrics.json").write_text('{"old": true}\n')
+    monkeypatch.setattr(common.fileio, "fsync_file", full)
+    assert main(["--predictions", str(source), "--output", str(output)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"evaluate.py: error: cannot write the results into {output}: No space left on device\n"
+    if existing:
+        assert [p.name for p in output.iterdir()] == ["metrics.json"]
+        assert (output / "metrics.json").read_text() == '{"old": true}\n'
+    else:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.jsonl"]
+
+
+def test_generation_skips_and_counts_samples_whose_image_cannot_be_loaded(bundle, loaded, data_file, images,
+                                                                          tmp_path):
+    """A truncated image and a missing one, in the group of the two short answers: both samples are skipped
+    before the model loads, counted, and the rest is scored exactly as the file without them is."""
+    from evaluation.runner import evaluate_samples
+    from evaluation.samples import read_processed
+
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(Path(images[0]).read_bytes()[:200])
+    rows = [json.loads(line) for line in data_file.read_text(encoding="utf-8").splitlines()]
+    bad = [processed_row("bad:truncated", "llava", str(truncated), "What colour is the shape?", "red"),
+           processed_row("bad:missing", "llava", str(tmp_path / "none.png"), "What colour is the shape?", "red")]
+    data = tmp_path / "with_bad.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [*rows[:2], *bad, *rows[2:]]))
+    out = tmp_path / "eval"
+    result = run("evaluate.py", "--checkpoint", str(bundle), "--data", str(data), "--max-new-tokens", "6",
+                 "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping 2 of 7 samples" in result.stderr and "2 samples skipped" in result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["skipped"] == {"n": 2, "by_reason": {"corrupt": 1, "missing": 1}, "first": [
+        {"id": "bad:truncated", "image": str(truncated), "reason": "corrupt"},
+        {"id": "bad:missing", "image": str(tmp_path / "none.png"), "reason": "missing"}]}
+    assert metrics["settings"]["samples"] == 5
+    written = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert "2 samples whose image could not be loaded" in (out / "report.md").read_text()
+
+    alone, alone_rows = evaluate_samples(loaded, read_processed(data_file), max_new_tokens=6, progress=False)
+    assert written == alone_rows
+    assert {k: v for k, v in metrics.items() if k not in ("settings", "skipped")} == \
+        {k: v for k, v in alone.items() if k != "settings"}
+
+    # nothing left to evaluate: refused
+    only_bad = tmp_path / "only_bad.jsonl"
+    only_bad.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    refused = run("evaluate.py", "--checkpoint", str(bundle), "--data", str(only_bad), "--output", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "(every one was skipped)" in refused.stderr.splitlines()[-1]
+    assert "Traceback" not in refused.stderr and not (tmp_path / "x").exists()
 
 
 def test_cli_errors_are_one_line(tmp_path, bundle):

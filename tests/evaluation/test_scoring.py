@@ -60,6 +60,43 @@ def test_jieba_is_quiet_and_writes_no_cache(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+# ------------------------------------------------------------------------------------------------ short answers
+
+# (language, reference, {prediction: counts as correct})
+SHORT_ANSWERS = [
+    ("en", "A", {"A": True, "a": True, "(A)": True, "A.": True, " a ": True, "the": False, "": False, "...": False,
+                 "an": False, "B": False, "(B)": False}),
+    ("en", "the A", {"a": True, "A": True, "the": False, "": False}),
+    ("en", "a red car", {"Red car.": True, "the red car": True, "car": False, "": False}),
+    ("en", "1,000", {"1000": True, "1,000.": True, "1000.0": True, "100": False, "-1000": False, "10 00": False}),
+    ("en", "3.5", {"3.50": True, "+3.5": True, "35": False, "3 5": False, "3": False}),
+    ("en", "-2", {"-2": True, "2": False, "- 2": False}),
+    ("en", "covid-19", {"Covid 19": True, "-19": False, "19": False}),
+    ("zh", "3.5米", {"3.50米": True, "35米": False, "": False}),
+    ("zh", "左上", {"左上。": True, "右上": False, "": False}),
+]
+
+
+@pytest.mark.parametrize("language,reference,predictions", SHORT_ANSWERS, ids=[r for _, r, _ in SHORT_ANSWERS])
+def test_short_answers_keep_letters_and_numbers_and_an_empty_answer_never_counts(language, reference, predictions):
+    """Multiple-choice letters: removing articles must not turn the answer "A" into "", which "" or "the"
+    would then equal; numbers keep their sign and decimal point."""
+    rows = [{"id": i, "language": language, "kind": "qa", "prediction": p, "references": [reference],
+             "answer": reference} for i, p in enumerate(predictions)]
+    summary, details = score_rows(rows)
+    assert {p: d["correct"] for p, d in zip(predictions, details)} == predictions
+    assert summary[language]["accuracy"] == sum(predictions.values()) / len(predictions)
+
+
+def test_an_empty_normalised_prediction_is_never_correct_with_any_normaliser():
+    from evaluation.scoring import is_correct
+
+    row = {"id": 1, "language": "en", "prediction": "whatever", "references": ["x"], "answer": "x"}
+    assert not is_correct(row, normalise=lambda text, language: "")  # "" == "" is no match
+    assert not is_correct(row, normalise=lambda text, language: None)
+    assert is_correct(row, normalise=lambda text, language: "same")
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 
 
@@ -151,6 +188,63 @@ def test_scores_equal_pycocoevalcap_on_hand_tokenised_text_per_language():
         assert scored == pytest.approx(list(cider_rows), abs=1e-12)
     assert summary["en"]["accuracy"] == 1.0 and summary["en"]["n_qa"] == 1 and details[3] == {"correct": True}
     assert summary["zh"]["accuracy"] is None and summary["accuracy"] == 1.0
+
+
+def test_lcs_length_equals_the_full_table_across_block_boundaries():
+    import random
+
+    from pycocoevalcap.rouge.rouge import my_lcs
+
+    from evaluation.rouge import lcs_length
+
+    rng = random.Random(0)
+    for _ in range(400):
+        vocabulary = rng.randint(1, 6)  # few distinct words: many matches, long common subsequences
+        a = [str(rng.randrange(vocabulary)) for _ in range(rng.randint(0, 30))]
+        b = [str(rng.randrange(vocabulary)) for _ in range(rng.randint(0, 30))]
+        expected = my_lcs(a, b)
+        assert [lcs_length(a, b, block_bits=k) for k in (1, 3, 8, 64)] == [expected] * 4, (a, b)
+    assert lcs_length(["a", "b", "c", "d"], ["x", "a", "y", "c"]) == 2 and lcs_length([], ["a"]) == 0
+
+
+def test_rouge_l_equals_pycocoevalcap_to_the_last_bit():
+    """pycocoevalcap's own Rouge on the same rows: equal means and per-row scores (==, not approximately), with
+    empty texts, repeated words and several references of different lengths among them."""
+    import random
+
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    from evaluation.rouge import RougeL
+
+    rng = random.Random(1)
+    words = ["a", "man", "dog", "rides", "the", "horse", "on", "beach", "red", "ball"]
+    text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    res = {i: [text(rng.randint(0, 25))] for i in range(200)}
+    gts = {i: [text(rng.randint(0, 25)) for _ in range(rng.randint(1, 5))] for i in range(200)}
+    res[0], gts[0] = [""], ["", "a man"]
+    ours, our_rows = RougeL().compute_score(gts, res)
+    theirs, their_rows = Rouge().compute_score(gts, res)
+    assert ours == theirs and list(our_rows) == list(their_rows)
+
+
+def test_rouge_l_of_a_long_row_takes_memory_linear_in_its_length():
+    """A 6,000-word prediction against a 6,000-word reference: pycocoevalcap's LCS table alone is 36M cells
+    (about 290 MB of Python lists; a 200k-word row took 23 GB). Every caption metric together stays a few MB."""
+    import random
+    import tracemalloc
+
+    rng = random.Random(2)
+    vocabulary = [f"w{i}" for i in range(500)]
+    prediction = " ".join(rng.choices(vocabulary, k=6000))
+    reference = " ".join(rng.choices(vocabulary, k=6000))
+    tracemalloc.start()
+    try:
+        metrics, _ = caption_scores([prediction], [[reference]], "en")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * 2**20, f"{peak / 2**20:.0f} MB"
+    assert 0 < metrics["rouge_l"] < 1
 
 
 def test_derangements_move_everyone_and_only_within_groups():

@@ -1,5 +1,5 @@
-"""model.export's output: never a folder it reads from, --overwrite replaces only a previous export, and the
-exported config names no code file it does not ship."""
+"""model.export's output: never a folder it reads from, --overwrite replaces only a previous export whose every
+file is on its list (never deletes anything else), and the exported config names no code file it does not ship."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.owned_folder import MANIFEST_FILE
 from model import apply_lora, build_vlm, save_bundle, vlm_config_for
 from model.export import main as export_main
 from model.export import portable_config
@@ -54,6 +55,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def beside(out: Path) -> list[str]:
+    """What an export to `out` keeps beside it while it runs (lock, staging and old folders)."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
 def export(*args) -> int:
     return export_main([*map(str, args)])
 
@@ -87,18 +93,44 @@ def test_overwrite_replaces_only_a_previous_export(run_dir, tmp_path, capsys):
     assert export("--checkpoint", run_dir, "--output", mine) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert export("--checkpoint", run_dir, "--output", mine, "--overwrite") == 2
-    assert "is not a previous export" in capsys.readouterr().err
+    assert "is not a previous output of model.export" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep me"
 
     out = tmp_path / "exported"
+    assert export("--checkpoint", run_dir / "checkpoint-2", "--output", out, "--no-copy-vision", "--dtype", "fp16") == 0
+    assert export("--checkpoint", run_dir, "--output", tmp_path / "reference", "--no-copy-vision") == 0
+    assert snapshot(out) != snapshot(tmp_path / "reference")
+    assert export("--checkpoint", run_dir, "--output", out, "--no-copy-vision", "--overwrite") == 0
+    assert snapshot(out) == snapshot(tmp_path / "reference")
+    assert beside(out) == []  # no staging, old or lock file left
+    # an export without the list of its files (written before the list existed) is not replaced
+    (out / MANIFEST_FILE).unlink()
+    before = snapshot(out)
+    capsys.readouterr()
+    assert export("--checkpoint", run_dir, "--output", out, "--no-copy-vision", "--overwrite") == 2
+    assert f"no {MANIFEST_FILE}" in capsys.readouterr().err and snapshot(out) == before
+
+
+def test_overwrite_never_deletes_what_the_export_did_not_write(run_dir, tmp_path, capsys):
+    """evaluate.py's results in the export folder (its default output for an export) and a user's notes: named,
+    and nothing changes; once they are moved out, --overwrite replaces the export."""
+    out = tmp_path / "exported"
     assert export("--checkpoint", run_dir / "checkpoint-2", "--output", out, "--no-copy-vision") == 0
     first = snapshot(out)
-    (out / "stale.txt").write_text("from the previous export")
-    assert export("--checkpoint", run_dir, "--output", out, "--no-copy-vision", "--overwrite") == 0
-    assert not (out / "stale.txt").exists() and snapshot(out) == first
-    # an export written before the marker existed is recognised by its merged vlm_config.json
-    (out / ".created-by-qwen-vl.json").unlink()
-    assert export("--checkpoint", run_dir, "--output", out, "--no-copy-vision", "--overwrite") == 0
+    (out / "eval-val").mkdir()
+    (out / "eval-val" / "metrics.json").write_text('{"accuracy": 0.9}')
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    capsys.readouterr()
+    assert export("--checkpoint", run_dir, "--output", out, "--no-copy-vision", "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did not write: eval-val/, notes.txt; nothing was changed" in err, err
+    assert snapshot(out) == before and beside(out) == []
+    shutil.rmtree(out / "eval-val")
+    (out / "notes.txt").unlink()
+    assert snapshot(out) == first
+    assert export("--checkpoint", run_dir, "--output", out, "--overwrite") == 0
+    assert (out / "vision").is_dir() and beside(out) == []
 
 
 def test_the_exported_config_names_only_code_it_ships(run_dir, base, tmp_path):

@@ -399,7 +399,7 @@ def test_tokenizer_normalises_like_ours(real_fast_tokenizer, tok_real):
 
 
 def test_bf16_export_then_overwritten_in_fp32(bundle, tmp_path):
-    """bf16 on request; --overwrite replaces a previous llava export (it carries the export's marker)."""
+    """bf16 on request; --overwrite replaces a previous llava export (it carries the list of its files)."""
     out = tmp_path / "bf16"
     assert export_main(["--checkpoint", str(bundle), "--output", str(out), "--format", "llava", "--dtype", "bf16"]) == 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
@@ -416,7 +416,7 @@ def test_bad_input_is_one_line_and_status_2(bundle, exported, tmp_path, capsys):
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     cases = [
         (["--output", str(exported)], "exists and is not empty"),  # not replaced without --overwrite
-        (["--output", str(tmp_path / "mine"), "--overwrite"], "is not a previous export"),  # never another folder
+        (["--output", str(tmp_path / "mine"), "--overwrite"], "is not a previous output of"),  # never another folder
         (["--output", str(bundle), "--overwrite"], "is or contains the checkpoint being read"),
         (["--output", str(bundle / "inside")], "is inside the checkpoint being read"),
         (["--output", str(tmp_path / "x"), "--no-copy-vision"], "--format qwen only"),

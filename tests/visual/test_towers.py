@@ -121,6 +121,5 @@ def test_registry_and_public_names():
     from visual.clip_tower import vision_config as clip_vision_config
 
     assert ClipCheckpointError is CheckpointError and CHECKPOINT_PREFIX == "vision_model."
-    assert visual.CLIPImagePreprocessor is visual.ImagePreprocessor
     assert clip_num_image_tokens(CLIPVisionConfig(image_size=224, patch_size=14)) == 256
     assert callable(clip_vision_config) and callable(inspect_checkpoint)

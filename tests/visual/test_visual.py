@@ -22,6 +22,7 @@ from visual import (
     ImagePreprocessor,
     CLIPVisionTower,
     ImageLoadError,
+    load_image,
     write_tiny_clip_checkpoint,
 )
 from visual.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -352,6 +353,46 @@ def test_center_crop_geometry_by_hand():
     # resize rounding: the long edge is floored (int(32 * 97 / 61) = 50)
     assert ImagePreprocessor(size=32).resized_size(97, 61) == (50, 32)
     assert ImagePreprocessor(size=32).resized_size(61, 97) == (32, 50)
+
+
+@pytest.mark.parametrize("settings", [
+    {},  # CLIP: shortest edge 224, crop 224
+    {"size": 256, "crop_size": 224},  # the crop takes less than the resized short edge
+    {"size": 57, "crop_size": 56},  # ... by an odd number of pixels
+    {"size": 56, "crop_size": (41, 64)},  # crop wider than the short edge of landscape images, narrower in portrait
+    {"size": 32, "crop_size": 48},  # crop larger than the resized image: padded
+    {"crop_size": (30, 20), "do_resize": False},
+    {"size": 40, "do_center_crop": False},
+])
+def test_a_shrunk_image_preprocesses_to_exactly_the_pixels_of_the_original(settings):
+    pre = ImagePreprocessor(**settings)
+    crop_height, crop_width = pre.crop_size
+    rng = np.random.default_rng(0)
+    for width, height in [(1200, 900), (900, 1201), (225, 224), (224, 224), (57, 56), (100, 50), (3, 700),
+                          (31, 29), (641, 2)]:
+        original = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))  # noise: any shift shows
+        kept = pre.shrink(original)
+        assert kept.mode == "RGB"
+        assert np.array_equal(pre.preprocess_image(kept), pre.preprocess_image(original)), (settings, width, height)
+        if pre.do_resize and pre.do_center_crop:  # no more than what preprocessing reads, resized
+            side = max(pre.size, crop_height, crop_width)
+            assert kept.width <= side and kept.height <= side, (settings, width, height, kept.size)
+        elif pre.do_center_crop:
+            assert kept.size == (min(width, crop_width), min(height, crop_height))
+    grey = Image.fromarray(rng.integers(0, 256, (90, 70), dtype=np.uint8), mode="L")
+    assert np.array_equal(pre.preprocess_image(pre.shrink(grey)), pre.preprocess_image(grey))
+
+
+def test_load_image_refuses_more_pixels_than_asked_before_decoding(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (300, 200), (9, 9, 9)).save(path)
+    path.write_bytes(path.read_bytes()[:60])  # the header says 300 x 200; the pixel data is cut off
+    with pytest.raises(ImageLoadError) as err:
+        load_image(path, max_pixels=300 * 200 - 1)
+    assert err.value.reason == "too large" and err.value.detail == "300x200 is over 59,999 pixels"
+    with pytest.raises(ImageLoadError) as err:
+        load_image(path, max_pixels=300 * 200)  # allowed: decoding it finds the damage
+    assert err.value.reason == "corrupt"
 
 
 def test_preprocessor_config_formats(tmp_path):

@@ -19,8 +19,9 @@ import torch
 import transformers
 from transformers import CLIPVisionConfig
 
-from model import QWenVLForCausalLM
-from qwen import IMAGE_TOKEN_ID, QWenConfig
+from llm import family_named
+from model import VisionLanguageModel
+from qwen import IMAGE_TAG, IMAGE_TOKEN_ID, QWenConfig, QWenLMHeadModel
 from visual import CLIPVisionTower
 
 SIZES = {
@@ -73,27 +74,27 @@ def versions() -> dict:
 
 
 def build_random_vlm(size: str, device: torch.device, dtype: torch.dtype):
-    """A QWenVLForCausalLM of the named size with random weights, built directly on `device` in `dtype`."""
+    """A VisionLanguageModel (QWen + CLIP) of the named size with random weights, built directly on `device` in
+    `dtype`."""
     spec = SIZES[size]
     vision_config = CLIPVisionConfig(**spec["clip"])
     config = QWenConfig(**spec["qwen"])
-    config.vision_hidden_size = vision_config.hidden_size
-    config.image_token_id = IMAGE_TOKEN_ID
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = QWenVLForCausalLM(config)
             tower = CLIPVisionTower(vision_config, feature_layer=-2)
+            model = VisionLanguageModel(QWenLMHeadModel(config), tower, image_token_id=IMAGE_TOKEN_ID)
     finally:
         torch.set_default_dtype(previous)
+    model.text_family, model.image_token = family_named("qwen"), IMAGE_TAG
     with torch.no_grad():
         for name, p in tower.named_parameters():
             if "norm" in name and name.endswith("weight"):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02)
-    model.attach_vision_tower(tower.to(device, dtype))
+    model.vision_tower.to(device, dtype)
     model.projector.float()
     return model
 
