@@ -32,8 +32,8 @@ PASS_KEYS = {"with_image": "correct", "blind": "blank_correct", "shuffled": "shu
 
 def heldout_samples(heldout_file: Path) -> list:
     """One qa sample per (held-out image, question); samples asking the same question may swap images."""
-    from evaluation.samples import EvalSample
     from dataprocess.schema import IMAGE_MARKER
+    from evaluation.samples import EvalSample
 
     samples = []
     for row in json.loads(heldout_file.read_text(encoding="utf-8")):
@@ -55,10 +55,10 @@ def chance_level(attribute: str) -> float:
 
 
 def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64, seed: int = 0) -> dict:
+    from dataprocess.schema import IMAGE_MARKER
     from demo.synthetic import normalise_answer
     from evaluation.generation import BLANK
     from evaluation.runner import evaluate_samples
-    from dataprocess.schema import IMAGE_MARKER
     from inference import load_checkpoint
 
     everything = heldout_samples(heldout_file)

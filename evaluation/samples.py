@@ -24,8 +24,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evaluation.text import LANGUAGES, detect_language, tokenize
 from dataprocess.schema import IMAGE_MARKER, upgrade_first_format
+from evaluation.text import LANGUAGES, detect_language, tokenize
 
 SHORT_ANSWER_MAX_TOKENS = 3
 PASSES = ("with_image", "blank", "shuffled")  # how each sample is asked (evaluation.generation)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from dataprocess.schema import IMAGE_MARKER as TAG
 from evaluation.samples import EvalSample
 from evaluation.text import java_available
-from dataprocess.schema import IMAGE_MARKER as TAG
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from dataprocess.schema import IMAGE_MARKER as TAG
 from evaluation.samples import EvalSample, derangement, shuffled_partners
 from evaluation.scoring import caption_scores, score_rows
 from evaluation.text import java_available, tokenize_en, tokenize_ptb, tokenize_zh
-from dataprocess.schema import IMAGE_MARKER as TAG
 
 ROOT = Path(__file__).resolve().parents[2]
 

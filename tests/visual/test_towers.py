@@ -11,7 +11,6 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPVisionConfig, SiglipVisionConfig
 
-import visual
 from visual import (
     CheckpointError,
     CLIPVisionTower,

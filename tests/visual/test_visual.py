@@ -19,9 +19,9 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 import visual.tiny_clip
 from visual import (
     CheckpointError,
-    ImagePreprocessor,
     CLIPVisionTower,
     ImageLoadError,
+    ImagePreprocessor,
     load_image,
     write_tiny_clip_checkpoint,
 )
