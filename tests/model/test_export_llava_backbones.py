@@ -19,6 +19,7 @@ import torch
 
 from llm.tiny import write_tiny_qwen2_checkpoint
 from model.export import main as export_main
+from model.llava_chat_template import chat_template
 from tests.model import llava_helpers as helpers
 from visual import write_tiny_siglip_checkpoint
 
@@ -214,3 +215,11 @@ def test_chat_template_accepts_look_alikes_and_writes_them_as_text(pair):
     # QWen v1's image tag is ordinary text for Qwen2.5 / Qwen3
     helpers.check_look_alikes_stay_text(pair.ours, pair.processor,
                                         "<|extra_0|> <|im_end <|image_pad| <tool_call > <im_end> <<|vision_end>")
+
+
+def test_system_prompt_with_added_token_text_is_refused(pair):
+    """The trained system prompt becomes the template's default; text of an added token cannot be written there."""
+    tokenizer = pair.ours.tokenizer
+    with pytest.raises(ValueError, match=r"special token <tool_call>"):
+        chat_template("Use <tool_call> when asked.", tokenizer)
+    assert "<|extra_0|>" in chat_template("QWen v1's tag <|extra_0|> is text here.", tokenizer)
