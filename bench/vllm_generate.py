@@ -26,10 +26,12 @@ from transformers import AutoProcessor, CLIPVisionConfig
 
 from bench.harness import SIZES, device_name, emit, versions
 from common.fileio import write_text
+from llm.qwen1 import qwen2_text_config
 from model.export_llava import llava_config, write_processing_files
-from qwen import DEFAULT_SYSTEM, QWenConfig
+from qwen import DEFAULT_SYSTEM, QWenConfig, QWenTokenizer
+from qwen.fast_tokenizer import build_fast_tokenizer
 from qwen.tiny_vocab import write_tiny_vocab
-from visual import ImagePreprocessor, num_image_tokens
+from visual import ImagePreprocessor, CLIPVisionTower, num_image_tokens
 
 try:  # optional: vLLM and the real vocabulary (bench/gpu_suite.sh runs this script only where vLLM imports)
     import vllm
@@ -56,14 +58,20 @@ def write_model_folder(size: str, folder: Path) -> tuple[Path, int]:
     spec = SIZES[size]
     qwen = QWenConfig(**spec["qwen"])
     vision = CLIPVisionConfig(**spec["clip"])
-    config = llava_config(qwen, vision, vision_feature_layer=-2, dtype=torch.bfloat16)
+    vocab = vocab_file(folder)
+    tokenizer = QWenTokenizer(vocab)
+    strategy = CLIPVisionTower.feature_select_strategy
+    config = llava_config(qwen2_text_config(qwen), vision, image_token_id=tokenizer.image_token_id,
+                          select_strategy=strategy, vision_feature_layer=-2, dtype=torch.bfloat16)
     model_dir = folder / f"llava-{size}"
     model_dir.mkdir()
     write_text(model_dir / "config.json", config.to_json_string())
     size_px = vision.image_size
-    write_processing_files(model_dir, vocab_file=vocab_file(folder), system_prompt=DEFAULT_SYSTEM,
+    write_processing_files(model_dir, tokenizer=tokenizer, tokenizer_json=build_fast_tokenizer(vocab).to_str(pretty=True),
+                           system_prompt=DEFAULT_SYSTEM,
                            preprocessor=ImagePreprocessor(size=size_px, crop_size=(size_px, size_px)),
-                           patch_size=vision.patch_size, model_max_length=qwen.seq_length, vocab_size=qwen.vocab_size)
+                           patch_size=vision.patch_size, select_strategy=strategy, model_max_length=qwen.seq_length,
+                           vocab_size=qwen.vocab_size)
     return model_dir, num_image_tokens(vision)
 
 

@@ -8,6 +8,10 @@ that turns `inputs_embeds` into hidden states), `get_output_embeddings()` (the L
 
 Every family's tokenizer has the same chat-tokenizer interface (`ChatTokenizer`): the data pipeline, generation
 and the exports use only these members.
+
+A family also says how its merged causal LM is written as a model transformers has (`TransformersText`: the
+config, the tensors under that model's names, the fast tokenizer): the text half of `model.export --format llava`.
+QWen v1 is converted to Qwen2 tensor by tensor; Qwen2 / Qwen3 go out as they are.
 """
 
 from __future__ import annotations
@@ -40,6 +44,19 @@ class ChatTokenizer(Protocol):
 
 
 @dataclass(frozen=True)
+class TransformersText:
+    """A merged causal LM as one of transformers' own causal LMs (what LLaVA's `text_config` names), in memory;
+    model/export_llava.py writes it."""
+
+    config: Any  # transformers' config of that model (Qwen2Config, Qwen3Config); its model_type picks the class
+    tensors: dict[str, torch.Tensor]  # that class's names: model.*, lm_head.weight (absent when tied)
+    tokenizer_json: str  # the fast tokenizer (tokenizer.json) with the LLM's ids
+    converted_from: str = ""  # the original architecture when the tensors were converted ("QWen v1"), else ""
+    renamed: str = ""  # how the original module names map to the exported ones ("c_attn -> q/k/v_proj, ..."), else ""
+    limits: tuple[str, ...] = ()  # where the exported model computes something else than the original (one line each)
+
+
+@dataclass(frozen=True)
 class TextFamily:
     """One family of language backbones (see the module docstring)."""
 
@@ -50,6 +67,8 @@ class TextFamily:
     embedding_modules: tuple[str, ...]  # input embeddings and LM head: trained whole with lora.train_embeddings
     load_model: Callable[..., torch.nn.Module]  # (folder, dtype) -> the causal LM, every tensor checked
     load_tokenizer: Callable[[str | os.PathLike], ChatTokenizer]
+    # (merged causal LM, its base folder) -> the same model as transformers' own causal LM
+    to_transformers: Callable[[torch.nn.Module, Path], TransformersText]
 
 
 def read_model_type(folder: str | os.PathLike, what: str) -> tuple[str, dict]:

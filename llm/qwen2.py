@@ -1,15 +1,17 @@
 """Qwen2, Qwen2.5 and Qwen3 (`model_type` "qwen2" / "qwen3"), through transformers' own classes, from the
 folders as published: config.json, sharded safetensors with their index, tokenizer.json with tokenizer_config.json.
-The image placeholder is the tokenizer's reserved `<|image_pad|>` (llm/qwen2_tokenizer.py)."""
+The image placeholder is the tokenizer's reserved `<|image_pad|>` (llm/qwen2_tokenizer.py). The transformers-native
+export writes the model as it is: its own config, its own tensors, the folder's tokenizer.json."""
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
 import torch
 
-from .base import TextFamily
+from .base import TextFamily, TransformersText
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -49,6 +51,23 @@ def load_tokenizer(folder: str | os.PathLike):
     return Qwen2Tokenizer.from_pretrained(folder)
 
 
+def to_transformers(model, folder: Path) -> TransformersText:
+    """The merged causal LM as it is: its config, its state dict (without `lm_head.weight` when tied to the
+    embeddings, as the published tied folders have it), the folder's tokenizer.json."""
+    from .qwen2_tokenizer import TOKENIZER_FILE
+
+    config = copy.deepcopy(model.config)
+    tensors = dict(model.state_dict())
+    if config.tie_word_embeddings:
+        head = tensors.pop("lm_head.weight", None)
+        if head is not None and not torch.equal(head, tensors["model.embed_tokens.weight"]):
+            raise ValueError("the merged model's config ties lm_head to the embeddings, but their weights differ")
+    tokenizer = Path(folder) / TOKENIZER_FILE
+    if not tokenizer.is_file():
+        raise FileNotFoundError(f"{folder} has no {TOKENIZER_FILE}")
+    return TransformersText(config=config, tensors=tensors, tokenizer_json=tokenizer.read_text(encoding="utf-8"))
+
+
 FAMILY = TextFamily(
     name="qwen2",
     model_types=("qwen2", "qwen3"),
@@ -58,4 +77,5 @@ FAMILY = TextFamily(
     embedding_modules=("embed_tokens", "lm_head"),
     load_model=load_model,
     load_tokenizer=load_tokenizer,
+    to_transformers=to_transformers,
 )

@@ -17,9 +17,10 @@ and a replacement it left half done is finished or rolled back, by the next expo
 that is a file, or that is, contains or lies inside the checkpoint or a base model folder being read, is
 refused before any work. A failed write (disk full, read-only folder) is one message; the output is as it was.
 
-`--format llava` writes a transformers-native folder instead (LlavaForConditionalGeneration with a Qwen2 text
-model, tokenizer.json, processor files, chat template, model card; model/export_llava.py lists them), under the
-same rules for the output folder. `--format qwen` is the default.
+`--format llava` writes a transformers-native folder instead, for any pair of backbones (LlavaForConditionalGeneration
+with a Qwen2 or Qwen3 text model and a CLIP or SigLIP tower, tokenizer.json, processor files, chat template, model
+card; model/export_llava.py lists them), under the same rules for the output folder. `--format qwen` is the default,
+for a QWen v1 language model only.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def export_llava(
     overwrite: bool = False,
 ) -> Path:
     """The transformers-native LLaVA folder of a bundle (model/export_llava.py), written whole. `dtype` defaults
-    to the base QWen checkpoint's (bf16 for Qwen-7B-Chat)."""
+    to the base language model checkpoint's (bf16 for Qwen-7B-Chat and the published Qwen2.5 / Qwen3)."""
     checkpoint, output = Path(checkpoint), Path(output)
     llm_path, vision_path = _base_folders(checkpoint, output)
     with owned_folder(output, CREATED_BY, overwrite=overwrite, say=_say) as staging:
@@ -196,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a previous export in --output, only when "
                         "every file in it is one the export wrote (it is listed)")
     parser.add_argument("--format", choices=("qwen", "llava"), default="qwen",
-                        help="qwen: the official Qwen-7B layout + projector (default); llava: transformers-native "
-                             "LlavaForConditionalGeneration with a Qwen2 text model (vLLM, SGLang, lmms-eval)")
+                        help="qwen: the official Qwen-7B layout + projector (default; QWen v1 only); llava: "
+                             "transformers-native LlavaForConditionalGeneration, any backbones (vLLM, SGLang, "
+                             "lmms-eval)")
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
     max_shard_bytes = int(args.max_shard_gb * 1024**3)

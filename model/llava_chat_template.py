@@ -1,7 +1,8 @@
 """The chat template of the transformers-native export: our ChatML prompt, written by Jinja.
 
-`chat_template(system_prompt)` returns a template that, given transformers' / OpenAI's messages, writes the
-text whose tokens are the ids `dataset.conversation.build_prompt_ids` builds for the same conversation:
+`chat_template(system_prompt, tokenizer)` returns a template that, given transformers' / OpenAI's messages, writes
+the text whose tokens are the ids `dataset.conversation.build_prompt_ids` builds with `tokenizer` (any language
+backbone's chat tokenizer, llm/) for the same conversation:
 
     <|im_start|>system\\n{system}<|im_end|>
     \\n<|im_start|>{role}\\n{content}<|im_end|>        (each message in turn)
@@ -10,16 +11,17 @@ text whose tokens are the ids `dataset.conversation.build_prompt_ids` builds for
 - system: the first message if it is a system message, else the model's own system prompt (the one it was
   trained with, written into the template at export); an empty system message gives an empty system prompt.
 - content: a string, or a list of {"type": "text", "text": ...} and {"type": "image"} (or "image_url") items.
-  An image is our image tag (`<|extra_0|>`, expanded by the processor), placed as `infer.py` places images:
-  when every image of a message comes before its text, each tag is written on its own line ("<|extra_0|>\\n")
-  in front of the text, as a prompt without `<image>` marks; otherwise tags are written where the images are,
-  with nothing added, as a prompt whose `<image>` marks stand at those places. Images only in user messages.
-- special-token text (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<|extra_0|>` ... `<|extra_204|>`) in
-  any message is refused with an error. Our prompt builder encodes message text with special tokens disallowed,
-  so such text stays text; a template's output is one string in which typed and structural markers cannot be
-  told apart, and every consumer (transformers, vLLM, SGLang) would turn typed ones into control tokens.
-  Refusing keeps the export's prompts equal to ours or loudly absent, never silently different (infer.py
-  refuses a typed `<|extra_0|>` for the same reason).
+  An image is the LLM's image token (`<|extra_0|>` for QWen v1, `<|image_pad|>` for Qwen2.5 / Qwen3; the
+  processor expands it), placed as `infer.py` places images: when every image of a message comes before its
+  text, each token is written on its own line ("<|image_pad|>\\n") in front of the text, as a prompt without
+  `<image>` marks; otherwise tokens are written where the images are, with nothing added, as a prompt whose
+  `<image>` marks stand at those places. Images only in user messages.
+- the text of any special or added token of the tokenizer (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, the
+  image token; QWen v1's `<|extra_0|>` ... `<|extra_204|>`; Qwen2.5's vision and tool tokens, Qwen3's `<think>`)
+  in any message is refused with an error. Our prompt builder encodes message text as text (`encode_text` never
+  gives a special id), so such text stays text; a template's output is one string in which typed and structural
+  markers cannot be told apart, and every consumer (transformers, vLLM, SGLang) would turn typed ones into
+  control tokens. Refusing keeps the export's prompts equal to ours or loudly absent, never silently different.
 
 One known difference with our ids: message text that starts with white space containing a line break
 ("\\nWhat is it?") joins the "\\n" after the role into one token here (the text is tokenised as a whole),
@@ -30,21 +32,15 @@ from __future__ import annotations
 
 import json
 
-from qwen import IMAGE_TAG
-from qwen.tokenization_qwen import ENDOFTEXT, EXTRAS, IM_END, IM_START, SPECIAL_TOKENS
+from llm import ChatTokenizer
 
 _TEMPLATE = r"""
 {%- macro refuse_special_text(text) -%}
-  {%- if '__ENDOFTEXT__' in text or '__IM_START__' in text or '__IM_END__' in text -%}
-    {{- raise_exception('message text contains special-token text (<|endoftext|>, <|im_start|> or <|im_end|>); this model keeps typed text as text and refuses to turn it into control tokens') -}}
-  {%- endif -%}
-  {%- if '<|extra_' in text -%}
-    {%- for i in range(__NUM_EXTRAS__) -%}
-      {%- if ('<|extra_' ~ i ~ '|>') in text -%}
-        {{- raise_exception('message text contains the special token <|extra_' ~ i ~ '|>; images are content items of type "image"') -}}
-      {%- endif -%}
-    {%- endfor -%}
-  {%- endif -%}
+  {%- for token in __SPECIAL_TOKENS__ -%}
+    {%- if token in text -%}
+      {{- raise_exception('message text contains the special token ' ~ token ~ '; this model keeps typed text as text and refuses to turn it into a control token (images are content items of type "image")') -}}
+    {%- endif -%}
+  {%- endfor -%}
 {%- endmacro -%}
 
 {%- macro write_content(message) -%}
@@ -102,25 +98,29 @@ _TEMPLATE = r"""
 """
 
 
-def special_text_in(text: str) -> str | None:
-    """The first special token whose text occurs in `text` (what the template refuses), or None."""
-    return next((token for token in SPECIAL_TOKENS if token in text), None)
+def special_tokens(tokenizer: ChatTokenizer) -> list[str]:
+    """The text of every special or added token of `tokenizer` (the ids `encode_text` never gives), by id."""
+    return [tokenizer.decode([i]) for i in sorted(tokenizer.special_ids)]
 
 
-def chat_template(system_prompt: str) -> str:
+def special_text_in(text: str, tokens: list[str]) -> str | None:
+    """The first of `tokens` whose text occurs in `text` (what the template refuses), or None."""
+    return next((token for token in tokens if token in text), None)
+
+
+def chat_template(system_prompt: str, tokenizer: ChatTokenizer) -> str:
     """The Jinja chat template with `system_prompt` as the default system message (see the module docstring)."""
-    found = special_text_in(system_prompt)
+    tokens = special_tokens(tokenizer)
+    found = special_text_in(system_prompt, tokens)
     if found:
         raise ValueError(f"the system prompt contains the special token {found}; it cannot be written as text")
-    # A Jinja string literal: JSON's escapes (\n, \", \\, \u00XX for control characters) are also Jinja's.
-    system_literal = json.dumps(system_prompt, ensure_ascii=False)
+    # Jinja literals: JSON's strings (escapes \n, \", \\, \u00XX for control characters) and lists are also Jinja's.
     replacements = {
-        "__ENDOFTEXT__": ENDOFTEXT,
-        "__IM_START__": IM_START,
-        "__IM_END__": IM_END,
-        "__IMAGE_TAG__": IMAGE_TAG,
-        "__NUM_EXTRAS__": str(len(EXTRAS)),
-        "__SYSTEM__": system_literal,
+        "__SPECIAL_TOKENS__": json.dumps(tokens, ensure_ascii=False),
+        "__IM_START__": tokenizer.decode([tokenizer.im_start_id]),
+        "__IM_END__": tokenizer.decode([tokenizer.im_end_id]),
+        "__IMAGE_TAG__": tokenizer.image_token,
+        "__SYSTEM__": json.dumps(system_prompt, ensure_ascii=False),
     }
     text = _TEMPLATE.strip() + "\n"
     for placeholder, value in replacements.items():

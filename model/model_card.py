@@ -46,18 +46,18 @@ def _trainer_state(checkpoint: Path) -> tuple[Path, dict] | None:
     return max(states, key=lambda item: item[1].get("global_step", -1))
 
 
-def _training_lines(checkpoint: Path, bundle) -> list[str]:
-    lines = ["- The projector (Linear → GELU → Linear) was trained; the CLIP tower stayed frozen."]
+def _training_lines(checkpoint: Path, bundle, text, vision_label: str) -> list[str]:
+    lines = [f"- The projector (Linear → GELU → Linear) was trained; the {vision_label} tower stayed frozen."]
     adapter = _read_json(checkpoint / "adapter_config.json") if bundle.adapter else None
     if adapter:
         targets = adapter.get("target_modules")
         targets = ", ".join(sorted(targets)) if isinstance(targets, list) else targets
+        renamed = f" ({text.converted_from} names; exported as: {text.renamed})" if text.renamed else ""
         lines.append(f"- LoRA on the LLM, merged into these weights: r = {adapter.get('r')}, "
                      f"alpha = {adapter.get('lora_alpha')}, dropout = {adapter.get('lora_dropout')}, "
-                     f"targets: {targets} (QWen names; in Qwen2 names: c_attn → q/k/v_proj, attn.c_proj → o_proj, "
-                     f"w1 → up_proj, w2 → gate_proj, mlp.c_proj → down_proj).")
+                     f"targets: {targets}{renamed}.")
         if adapter.get("modules_to_save"):
-            lines.append(f"- Trained in full: {', '.join(adapter['modules_to_save'])} (wte = embed_tokens).")
+            lines.append(f"- Trained in full: {', '.join(adapter['modules_to_save'])}.")
     elif bundle.merged:
         lines.append("- The checkpoint was already a merged export: its LLM weights are taken as they are.")
     else:
@@ -94,38 +94,51 @@ def _evaluation_lines(checkpoint: Path) -> list[str]:
                      "demo_eval.json, metrics.json)."]
 
 
-def model_card(*, name: str, checkpoint: Path, bundle, llm_path: Path, vision_path: Path, qwen, vision_config,
-               dtype: str, num_parameters: int, weight_files: list[str]) -> str:
-    """The README.md text (Markdown with a small YAML header)."""
+def _architecture(config) -> str:
+    """The transformers name of a config's model: "Qwen2", "Qwen3", "CLIPVision", "SiglipVision"."""
+    return type(config).__name__.removesuffix("Config")
+
+
+def model_card(*, name: str, checkpoint: Path, bundle, llm_path: Path, vision_path: Path, text, vision_label: str,
+               vision_config, select_strategy: str, dtype: str, num_parameters: int, weight_files: list[str]) -> str:
+    """The README.md text (Markdown with a small YAML header). `text` is the language model as exported
+    (llm.base.TransformersText), `vision_config` the exported vision config of the `vision_label` tower."""
     n_tokens = bundle.vision.num_image_tokens
+    llm = text.config
+    language = _architecture(llm)
+    converted = (f" The language model was trained as {text.converted_from}; it is written here as {language}, "
+                 f"without changing what it computes (see Limits)." if text.converted_from else "")
+    rows = "CLS dropped" if select_strategy == "default" else "every patch"
+    kv_heads = getattr(llm, "num_key_value_heads", None) or llm.num_attention_heads
     lines = [
         "---",
         "library_name: transformers",
         "pipeline_tag: image-text-to-text",
-        "tags: [llava, qwen, clip, vision-language]",
+        f"tags: [llava, qwen, {bundle.vision.family}, vision-language]",
         "---",
         "",
         f"# {name}",
         "",
-        "A vision-language model in transformers' native LLaVA layout (`LlavaForConditionalGeneration`): a CLIP "
-        "vision tower, a two-layer GELU projector and a Qwen2 language model. It was trained with "
-        "the build-your-own-vlm recipe as Qwen-7B (v1, \"QWen\") + CLIP + projector and converted "
-        "without changing what it computes (see Limits).",
+        f"A vision-language model in transformers' native LLaVA layout (`LlavaForConditionalGeneration`): a "
+        f"{vision_label} vision tower, a two-layer GELU projector and a {language} language model, trained with the "
+        f"build-your-own-vlm recipe.{converted}",
         "",
         f"{num_parameters / 1e9:.2f} B parameters, {dtype}, in {len(weight_files)} safetensors file(s).",
         "",
         "## Base models",
         "",
-        f"- Language model: `{llm_path.name}` (QWen: hidden size {qwen.hidden_size}, {qwen.num_hidden_layers} "
-        f"layers, {qwen.num_attention_heads} heads, vocabulary {qwen.vocab_size} rows, seq_length {qwen.seq_length}).",
-        f"- Vision tower: `{vision_path.name}` (CLIP ViT: {vision_config.image_size} px, patch "
+        f"- Language model: `{llm_path.name}` ({text.converted_from or language}: hidden size {llm.hidden_size}, "
+        f"{llm.num_hidden_layers} layers, {llm.num_attention_heads} heads ({kv_heads} key/value), vocabulary "
+        f"{llm.vocab_size} rows, {'tied' if llm.tie_word_embeddings else 'untied'} input and output embeddings, "
+        f"context {llm.max_position_embeddings} tokens).",
+        f"- Vision tower: `{vision_path.name}` ({vision_label} ViT: {vision_config.image_size} px, patch "
         f"{vision_config.patch_size}, {vision_config.num_hidden_layers} layers, hidden size "
-        f"{vision_config.hidden_size}); features of hidden layer {bundle.vision.feature_layer}, CLS dropped: "
+        f"{vision_config.hidden_size}); features of hidden layer {bundle.vision.feature_layer}, {rows}: "
         f"{n_tokens} image tokens per image.",
         "",
         "## Training",
         "",
-        *_training_lines(checkpoint, bundle),
+        *_training_lines(checkpoint, bundle, text, vision_label),
         "",
         "## Data",
         "",
@@ -155,22 +168,21 @@ def model_card(*, name: str, checkpoint: Path, bundle, llm_path: Path, vision_pa
         "",
         "## Prompt format",
         "",
-        "ChatML, as Qwen-7B-Chat: `<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{text}<|im_end|>"
-        "\\n<|im_start|>assistant\\n`. Each image is `<|extra_0|>` (id 151646), which the processor expands to "
-        f"{n_tokens} placeholders. Images that come before a message's text are written one per line in front of it "
-        "(the training layout); images placed after some text are written where they are.",
+        "ChatML: `<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{text}<|im_end|>"
+        f"\\n<|im_start|>assistant\\n`. Each image is `{bundle.image_token}` (id {bundle.image_token_id}), which the "
+        f"processor expands to {n_tokens} placeholders. Images that come before a message's text are written one per "
+        "line in front of it (the training layout); images placed after some text are written where they are.",
         "",
-        "Message text containing special-token text (`<|im_end|>`, `<|extra_0|>`, ...) is refused by the chat "
-        "template: the model was trained with such text kept as text, and a rendered prompt cannot keep it so. To "
-        "tokenize typed text yourself as the training did, use `tokenizer(text, split_special_tokens=True)`.",
+        f"Message text containing the text of a special or added token (`<|im_end|>`, `{bundle.image_token}`, ...) is "
+        "refused by the chat template: the model was trained with such text kept as text, and a rendered prompt "
+        "cannot keep it so. To tokenize typed text yourself as the training did, use "
+        "`tokenizer(text, split_special_tokens=True)`.",
         "",
         "## Limits",
         "",
-        f"- Contexts up to {qwen.seq_length} tokens (`max_position_embeddings`). QWen v1 equals Qwen2 up to its "
-        "seq_length; past it the original switches on dynamic NTK rotary scaling and logn attention scaling, which "
-        "this Qwen2 model does not do, so longer contexts give different outputs than the original code would.",
-        "- transformers picks the torchvision implementation of the CLIP image processor when torchvision is "
-        "installed; it differs from the PIL implementation used in training by up to about 0.03 per normalised "
+        *(f"- {limit}" for limit in text.limits),
+        f"- transformers picks the torchvision implementation of the {vision_label} image processor when torchvision "
+        "is installed; it differs from the PIL implementation used in training by up to about 0.03 per normalised "
         "pixel value. `AutoProcessor.from_pretrained(DIR, backend=\"pil\")` gives the training pixels exactly.",
         "",
     ]

@@ -84,9 +84,16 @@ class FrozenVisionTower(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def feature_model_config(cls, config):
+        """The config of the family's whole vision model (`model_class`, every layer) without the parts that never
+        feed the features where the config can leave them out (SigLIP's pooling head): the vision model a
+        transformers-native LLaVA builds, which takes the features from its hidden_states."""
+        return config
+
+    @classmethod
     def _truncated_config(cls, config, num_layers: int):
         """The config of the vision model built in __init__: `num_layers` encoder layers."""
-        truncated = copy.deepcopy(config)
+        truncated = copy.deepcopy(cls.feature_model_config(config))
         truncated.num_hidden_layers = num_layers
         return truncated
 

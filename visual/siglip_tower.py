@@ -20,6 +20,7 @@ mean and std 0.5 (`check_processor`).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -70,10 +71,12 @@ class SiglipVisionTower(FrozenVisionTower):
             )
 
     @classmethod
-    def _truncated_config(cls, config: SiglipVisionConfig, num_layers: int) -> SiglipVisionConfig:
-        truncated = super()._truncated_config(config, num_layers)
-        truncated.vision_use_head = False  # the pooling head is not built: it pools after post_layernorm
-        return truncated
+    def feature_model_config(cls, config: SiglipVisionConfig) -> SiglipVisionConfig:
+        """`config` without the MAP pooling head (`vision_use_head` false): it pools after post_layernorm, which
+        no feature layer passes through."""
+        without_head = copy.deepcopy(config)
+        without_head.vision_use_head = False
+        return without_head
 
     def _keep(self, vision_model: SiglipVisionModel) -> None:
         # post_layernorm is not kept: hidden_states are taken before it.

@@ -1,7 +1,9 @@
-"""`python -m model.export --format llava`: the folder stock transformers loads, checked against our own model.
+"""`python -m model.export --format llava` on QWen v1 + CLIP: the folder stock transformers loads, checked against our
+own model.
 
 A tiny trained bundle is exported once (fp32); the transformers model, processor and tokenizer loaded from the
-folder must give our logits, our greedy tokens, our prompt ids and pixels, and our tokenizer's ids.
+folder must give our logits, our greedy tokens, our prompt ids and pixels, and our tokenizer's ids (the checks are
+shared with the other backbones: tests/model/llava_helpers.py).
 """
 
 from __future__ import annotations
@@ -11,53 +13,29 @@ import shutil
 import unicodedata
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from jinja2 import TemplateError
-from PIL import Image
 from safetensors import safe_open
 from tokenizers import Tokenizer, models
-from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 from transformers.utils import is_torchvision_available
 
-from dataset.conversation import build_prompt_ids, encode_conversation
-from inference import Prompt, generate_answers, query_with_images
-from inference.generation import prompt_tensors
-from model import apply_lora, build_vlm, load_vlm, save_bundle, vlm_config_for
+from dataset.conversation import build_prompt_ids
 from model.export import main as export_main
-from model.export_llava import write_tokenizer_files
+from model.export_llava import tokenizer_config
 from qwen import IMAGE_TAG, IMAGE_TOKEN_ID, QWenTokenizer
-from visual import ImagePreprocessor
+from qwen.fast_tokenizer import build_fast_tokenizer
+from tests.model import llava_helpers as helpers
 
 EOD, IM_START, IM_END = 151643, 151644, 151645  # the ChatML ids of the official vocabulary
 IMAGE = IMAGE_TOKEN_ID
-SYSTEM = 'You are a "test" assistant.\nAnswer briefly; 简短回答 🙂'
-
-
-def _image(seed: int, width: int, height: int, mode: str = "RGB") -> Image.Image:
-    if mode == "P":  # a palette image
-        return _image(seed, width, height).convert("P")
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    pixels = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
-    return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode=mode)
-
-
-IMAGES = [_image(0, 80, 60), _image(1, 50, 90), _image(2, 56, 56), _image(3, 120, 70)]
 
 
 @pytest.fixture(scope="module")
 def bundle(tiny_llm_dir, tiny_clip_dir, tmp_path_factory):
-    """A bundle whose every trained tensor has a visible value: LoRA on all targets, trained embeddings, projector."""
-    folder = tmp_path_factory.mktemp("llava") / "bundle"
-    model = build_vlm(tiny_llm_dir, tiny_clip_dir)
-    peft_model = apply_lora(model, r=4, alpha=8, train_embeddings=True, verbose=False)
-    torch.manual_seed(1)
-    for name, p in peft_model.named_parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.2 if "lora_" in name or "projector" in name else 0.05)
-    save_bundle(peft_model.eval(), folder, vlm_config_for(model, tiny_llm_dir, tiny_clip_dir, SYSTEM))
+    """A bundle whose every trained tensor has a visible value: LoRA on all targets, trained embeddings, projector;
+    with the evaluation and training records the model card reports."""
+    folder = helpers.make_bundle(tmp_path_factory.mktemp("llava") / "bundle", tiny_llm_dir, tiny_clip_dir,
+                                 train_embeddings=True)
     (folder / "eval_results.json").write_text(json.dumps({"epoch": 2.0, "eval_loss": 1.2345678}))
     (folder / "demo_eval.json").write_text(json.dumps({"accuracy_with_image": 0.97, "by_language": {"zh": 0.96},
                                                        "checkpoint": str(folder)}))
@@ -69,31 +47,22 @@ def bundle(tiny_llm_dir, tiny_clip_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(bundle):
-    out = bundle.parent / "exported"
-    code = export_main(["--checkpoint", str(bundle), "--output", str(out), "--format", "llava", "--dtype", "fp32",
-                        "--max-shard-gb", "0.01"])
-    assert code == 0
-    return out
+    return helpers.export_llava(bundle, bundle.parent / "exported")
 
 
 @pytest.fixture(scope="module")
 def ours(bundle):
-    model, config = load_vlm(bundle)
-    llm_path, vision_path = config.resolve(bundle)
-    return model.eval(), config, QWenTokenizer.from_pretrained(llm_path), ImagePreprocessor.from_pretrained(vision_path)
+    return helpers.load_ours(bundle)
 
 
 @pytest.fixture(scope="module")
 def hf_model(exported):
-    model, info = AutoModelForImageTextToText.from_pretrained(exported, output_loading_info=True)
-    assert not any(info.values()), info  # no missing, unexpected or mis-shaped tensor
-    return model.eval()
+    return helpers.load_hf_model(exported)
 
 
 @pytest.fixture(scope="module")
 def processor(exported):
-    """The PIL implementation of the CLIP processor (transformers' choice here, where torchvision is absent)."""
-    return AutoProcessor.from_pretrained(exported, backend="pil")
+    return helpers.load_processor(exported)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,6 +87,7 @@ def test_folder_is_a_stock_llava_with_a_qwen2_text_model(exported, hf_model, pro
     default = AutoProcessor.from_pretrained(exported)  # without torchvision: the PIL one, equal to our pixels
     assert is_torchvision_available() or type(default.image_processor).__name__ == "CLIPImageProcessorPil"
     assert processor.image_token_id == IMAGE
+    assert json.loads((exported / "processor_config.json").read_text())["num_additional_image_tokens"] == 1
     generation = json.loads((exported / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [IM_END, IM_START, EOD] and generation["do_sample"] is False
 
@@ -129,6 +99,8 @@ def test_model_card_reports_training_and_evaluation(exported):
     assert "| by_language.zh | 0.96 |" in card
     assert "4 optimizer steps" in card and "last logged training loss 1.7500" in card
     assert "max_position_embeddings" in card and "dynamic NTK" in card
+    assert "a CLIP vision tower" in card and "trained as QWen v1" in card and "c_attn → q/k/v_proj" in card
+    assert "`<|extra_0|>` (id 151646)" in card and "CLS dropped" in card
     assert str(exported.parent) not in card  # no folder of the training machine
 
 
@@ -137,65 +109,17 @@ def test_model_card_reports_training_and_evaluation(exported):
 # --------------------------------------------------------------------------------------------------
 
 
-BATCHES = {
-    "one_image": [Prompt("<image>\nWhat colour is the shape?", IMAGES[:1])],
-    "two_images_one_prompt": [Prompt("Compare <image> with <image>: which is brighter?", IMAGES[1:3])],
-    "left_padded_batch": [
-        Prompt("<image>\n图形在图片的哪个角？", IMAGES[3:4]),
-        Prompt("<image>\n<image>\nDescribe both pictures in one long sentence, please.", IMAGES[:2]),
-        Prompt("A question without an image.", []),
-    ],
-}
-
-
-def _our_batch(ours, prompts):
-    model, config, tokenizer, preprocessor = ours
-    return prompt_tensors(prompts, tokenizer, preprocessor, config.system_prompt, config.vision.num_image_tokens)
-
-
-@pytest.mark.parametrize("name", list(BATCHES))
+@pytest.mark.parametrize("name", list(helpers.BATCHES))
 def test_logits_equal_ours(ours, hf_model, name):
-    ids, mask, pixels = _our_batch(ours, BATCHES[name])
-    assert (ids == IMAGE).sum() == 16 * (0 if pixels is None else len(pixels))
-    with torch.no_grad():
-        expected = ours[0](input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-        got = hf_model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-    real = mask.bool()  # padding positions attend to nothing real; their logits mean nothing in either model
-    assert expected[real].abs().max() > 0.1  # logits with something in them
-    torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=0)
+    helpers.check_logits(ours, hf_model, helpers.BATCHES[name], atol=1e-4)
 
 
 def test_greedy_tokens_equal_ours(ours, hf_model):
-    ids, mask, pixels = _our_batch(ours, BATCHES["left_padded_batch"])
-    # The same plain greedy search for both: no penalty, no suppressed ids, no stop (all 10 tokens compared).
-    plain = GenerationConfig(do_sample=False, max_new_tokens=10, min_new_tokens=10, repetition_penalty=1.0,
-                             suppress_tokens=[], eos_token_id=[IM_END], pad_token_id=EOD)
-    with torch.no_grad():
-        expected = ours[0].generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, generation_config=plain)
-        got = hf_model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, generation_config=plain)
-    assert got.shape == (3, ids.shape[1] + 10)
-    assert got.tolist() == expected.tolist()
-    assert len(set(got[:, ids.shape[1]:].flatten().tolist())) > 3  # not one token repeated
+    helpers.check_greedy_tokens(ours, hf_model)
 
 
 def test_stock_pipeline_answers_like_infer(ours, hf_model, processor):
-    """processor + chat template + generate() with the exported generation_config == model.generation's answers,
-    for a left-padded batch of two conversations."""
-    model, config, tokenizer, preprocessor = ours
-    prompts = [("What colour is the shape?", IMAGES[:1]), ("<image> or <image>: which one is darker?", IMAGES[1:3])]
-    expected = generate_answers(model, tokenizer, preprocessor, [Prompt(query_with_images(t, len(i)), i) for t, i in prompts],
-                                system=config.system_prompt, num_image_tokens=config.vision.num_image_tokens,
-                                max_new_tokens=8)
-    conversations = [[{"role": "user", "content": _content(text, images)}] for text, images in prompts]
-    inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           padding=True, return_tensors="pt")
-    assert (inputs["attention_mask"][:, 0] == 0).any()  # left padded
-    with torch.no_grad():
-        out = hf_model.generate(**inputs, max_new_tokens=8)
-    got = [answer.strip() for answer in
-           processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
-    assert got == expected
-    assert all(answer for answer in got)
+    helpers.check_stock_pipeline_answers(ours, hf_model, processor)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,103 +127,41 @@ def test_stock_pipeline_answers_like_infer(ours, hf_model, processor):
 # --------------------------------------------------------------------------------------------------
 
 
-def _content(text: str, images: list) -> list[dict]:
-    """infer.py's prompt (with `<image>` marks, or none: images first) as a transformers content list."""
-    if "<image>" not in text:
-        return [*({"type": "image", "image": im} for im in images), {"type": "text", "text": text}]
-    items, pieces = [], text.split("<image>")
-    for i, piece in enumerate(pieces):
-        if i:
-            items.append({"type": "image", "image": images[i - 1]})
-        if piece:
-            items.append({"type": "text", "text": piece})
-    return items
-
-
-# (system message or None for the default, [(user text, n images, answer or None)]); images are taken in order
-CONVERSATIONS = {
-    "default_system_one_image": (None, [("What colour is the shape?", 1, None)]),
-    "empty_system_text_only": ("", [("Hello, how are you today?", 0, None)]),
-    "own_system_two_images_inline": ("Answer briefly.", [("<image> vs <image>: which is brighter?", 2, None)]),
-    "chinese_two_images_in_front": (None, [("图形在图片的哪个角？请用中文回答。", 2, None)]),
-    "image_after_text": (None, [("Describe this picture: <image>", 1, None)]),
-    "multi_turn": ("Be precise.", [("What is this?", 1, "A red circle."), ("And this one, <image>?", 1, None)]),
-}
-
-
-@pytest.mark.parametrize("name", list(CONVERSATIONS))
+@pytest.mark.parametrize("name", list(helpers.CONVERSATIONS))
 def test_processor_ids_and_pixels_equal_our_prompt(ours, processor, name):
-    model, config, tokenizer, preprocessor = ours
-    system, turns = CONVERSATIONS[name]
-    images = iter(IMAGES)
-    messages = [] if system is None else [{"role": "system", "content": system}]
-    queries, used = [], []
-    for text, n_images, answer in turns:
-        turn_images = [next(images) for _ in range(n_images)]
-        used += turn_images
-        messages.append({"role": "user", "content": _content(text, turn_images) if n_images else text})
-        queries.append(query_with_images(text, n_images))
-        if answer is not None:
-            messages.append({"role": "assistant", "content": answer})
-    history = [(q, t[2]) for q, t in zip(queries[:-1], turns[:-1])]
-    expected = build_prompt_ids(tokenizer, queries[-1], history, config.system_prompt if system is None else system,
-                                config.vision.num_image_tokens)
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")
-    assert inputs["input_ids"][0].tolist() == expected
-    if used:
-        torch.testing.assert_close(inputs["pixel_values"], preprocessor(used), atol=0, rtol=0)
-    else:
-        assert "pixel_values" not in inputs
+    helpers.check_processor_ids_and_pixels(ours, processor, name)
 
 
 def test_whole_conversation_renders_our_training_sequence(ours, processor):
-    """Without a generation prompt, a conversation ending with an answer is our training sequence's input_ids."""
-    tokenizer = ours[2]
-    turns = [{"role": "user", "content": query_with_images("What is it?", 1)}, {"role": "assistant", "content": "A cat."},
-             {"role": "user", "content": "这是什么颜色？"}, {"role": "assistant", "content": "红色。"}]
-    messages = [{"role": "user", "content": _content("What is it?", IMAGES[:1])}, *turns[1:]]
-    ids = processor.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"][0]
-    expected = encode_conversation(tokenizer, turns, system=ours[1].system_prompt, num_image_tokens=ours[1].vision.num_image_tokens,
-                                   max_length=None)
-    assert ids == expected.input_ids
+    helpers.check_whole_conversation(ours, processor)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
 def test_image_processor_equals_our_preprocessing(ours, processor, mode):
-    preprocessor = ours[3]
-    images = [_image(10, 300, 200, mode), _image(11, 31, 47, mode), _image(12, 57, 56, mode)]  # larger, smaller, odd
-    got = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    torch.testing.assert_close(got, preprocessor(images), atol=0, rtol=0)
+    helpers.check_image_processor(ours, processor, mode)
 
 
 @pytest.mark.parametrize("typed", ["<|im_end|>", "<|im_start|>system\nx", "<|endoftext|>", "<|extra_0|>", "<|extra_137|>"])
 def test_chat_template_refuses_special_token_text(processor, typed):
-    for message in ({"role": "user", "content": f"say {typed} now"},
-                    {"role": "user", "content": [{"type": "text", "text": typed}]},
-                    {"role": "system", "content": typed}):
-        with pytest.raises(TemplateError, match="special"):
-            processor.apply_chat_template([message], add_generation_prompt=True)
+    helpers.check_refuses_special_text(processor, typed)
 
 
 def test_chat_template_accepts_look_alikes_and_writes_them_as_text(ours, processor):
-    tokenizer = ours[2]
-    text = "<|extra_205|> <|im_end <|extra_x|> <im_end>"  # none of them is a special token
-    ids = processor.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-    assert ids[0] == build_prompt_ids(tokenizer, text, [], ours[1].system_prompt, ours[1].vision.num_image_tokens)
+    # none of them is a special token of QWen v1 (Qwen2.5's image token is ordinary text here)
+    helpers.check_look_alikes_stay_text(ours, processor, "<|extra_205|> <|im_end <|extra_x|> <im_end> <|image_pad|>")
 
 
 def test_documented_difference_leading_line_break(ours, processor):
     """The one documented difference: text starting with a line break joins the "\\n" after the role name."""
-    tokenizer = ours[2]
+    tokenizer = ours.tokenizer
     text = "\nWhat is it?"
     got = processor.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)[0]
-    expected = build_prompt_ids(tokenizer, text, [], ours[1].system_prompt, ours[1].vision.num_image_tokens)
+    expected = build_prompt_ids(tokenizer, text, [], ours.config.system_prompt, ours.config.vision.num_image_tokens)
     assert got != expected and tokenizer.decode(got) == tokenizer.decode(expected)
 
 
 def test_sanitized_chat_template_gives_the_same_ids(processor):
-    messages = [{"role": "user", "content": [{"type": "image", "image": IMAGES[0]}, {"type": "text", "text": "Hi?"}]}]
+    messages = [{"role": "user", "content": [{"type": "image", "image": helpers.IMAGES[0]}, {"type": "text", "text": "Hi?"}]}]
     plain, sanitized = (processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                       return_dict=True, sanitize_control_tokens=flag)["input_ids"]
                         for flag in (False, True))
@@ -351,10 +213,11 @@ def test_fast_tokenizer_equals_ours_tiny_vocab(exported, tiny_llm_dir):
 
 
 @pytest.fixture(scope="module")
-def real_tokenizer_dir(tok_real_vocab_file, tmp_path_factory):
-    """The real vocabulary's tokenizer.json + tokenizer_config.json, as the export writes them."""
+def real_tokenizer_dir(tok_real_vocab_file, tok_real, tmp_path_factory):
+    """The real vocabulary's tokenizer.json + tokenizer_config.json, as the export writes them (llm/qwen1.py)."""
     folder = tmp_path_factory.mktemp("real_tokenizer")
-    write_tokenizer_files(folder, vocab_file=Path(tok_real_vocab_file), model_max_length=8192)
+    (folder / "tokenizer.json").write_text(build_fast_tokenizer(tok_real_vocab_file).to_str(pretty=True))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok_real, model_max_length=8192)))
     return folder
 
 
