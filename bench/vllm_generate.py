@@ -31,7 +31,7 @@ from model.export_llava import llava_config, write_processing_files
 from qwen import DEFAULT_SYSTEM, QWenConfig, QWenTokenizer
 from qwen.fast_tokenizer import build_fast_tokenizer
 from qwen.tiny_vocab import write_tiny_vocab
-from visual import ImagePreprocessor, CLIPVisionTower, num_image_tokens
+from visual import CLIPVisionTower, ImagePreprocessor, num_image_tokens
 
 try:  # optional: vLLM and the real vocabulary (bench/gpu_suite.sh runs this script only where vLLM imports)
     import vllm
