@@ -21,6 +21,7 @@ import yaml
 from safetensors.torch import load_file
 
 import train
+from dataprocess import features
 from inference import Prompt, Turn, chat_prompt, load_checkpoint, query_with_images
 from tests.training.test_stages import FAST, SAVE_EACH_STEP, Recorder, projector_of
 from visual import load_image
@@ -54,7 +55,9 @@ def project(tmp_path_factory, tiny_qwen2_dir, tiny_siglip_dir):
         "align": {"output_dir": "out/align", "projector_learning_rate": 5.0e-2, "max_steps": 1, "sources": ["aic"]},
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
-    assert process_image.main(["--config", str(root / "config.yaml"), "--cache-features"]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # the cache in fp32 on the CPU on every machine (compared below)
+        mp.setattr(features, "default_device", lambda: (torch.device("cpu"), torch.float32))
+        assert process_image.main(["--config", str(root / "config.yaml"), "--cache-features"]) == 0
     manifest = json.loads((root / "data" / "features" / "manifest.json").read_text())
     assert manifest["vision_path"] == str(Path(tiny_siglip_dir).resolve()) and manifest["num_patches"] == 16
     return {"root": root, "config": root / "config.yaml", "processed": tree_digest(root / "data")}
@@ -72,6 +75,20 @@ def stages(project):
         assert train.main(["--config", config, *SAVE_EACH_STEP]) == 0
     return {"align": project["root"] / "out" / "align", "instruct": project["root"] / "out" / "instruct",
             "start": rec.runs[1]["start"], "model": rec.runs[1]["model"]}
+
+
+def test_the_feature_cache_holds_the_siglip_towers_features(project, tiny_siglip_dir):
+    from visual import load_image_preprocessor, load_vision_tower
+
+    cache = features.FeatureCache(project["root"] / "data" / "features")
+    paths = features.images_of_jsonl([project["root"] / "data" / "train.jsonl"])[:3]
+    pixels = load_image_preprocessor(tiny_siglip_dir)([load_image(p) for p in paths])
+    with torch.no_grad():
+        expected, last = (load_vision_tower(tiny_siglip_dir, feature_layer=layer)(pixels) for layer in (-2, -1))
+    assert expected.shape == (3, 16, 32)  # SigLIP: every patch of the 56 px image is a feature, no CLS
+    # (fp32 CPU matmuls round differently for another number of images per call: ~1e-7 relative)
+    torch.testing.assert_close(cache(paths), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(cache(paths), last, atol=1e-3)  # the configured layer's, not any layer's
 
 
 def test_both_stages_train_qwen2_siglip_and_the_instruct_stage_starts_from_the_align_projector(stages):
@@ -192,7 +209,8 @@ def test_infer_one_image_stream_and_batch_give_the_shared_answers(bundle, loaded
                        str(tmp_path / "answers.jsonl"), "--max-new-tokens", "8", "--device", "cpu"]) == 0
     got = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     # batched (left-padded) answers are each prompt's answer alone
-    assert got == [{"id": r["id"], "answer": answer(loaded, r["prompt"], r.get("images", []))} for r in rows]
+    assert [(g["id"], g["answer"]) for g in got] == [(r["id"], answer(loaded, r["prompt"], r.get("images", [])))
+                                                     for r in rows]
 
 
 def test_webui_answer_path_streams_the_shared_answer_and_follow_ups_see_the_earlier_turn(loaded, images):
@@ -201,8 +219,9 @@ def test_webui_answer_path_streams_the_shared_answer_and_follow_ups_see_the_earl
 
     def streamed(prompt):
         seen = list(loaded.stream(prompt, max_new_tokens=12))
+        assert len(seen) >= 3, seen  # it streamed: the answer grew, each text a beginning of the next
         for shorter, longer in zip(seen, seen[1:]):
-            assert longer.startswith(shorter.strip()), seen
+            assert longer.strip().startswith(shorter.strip()), seen
         assert seen[-1] == loaded.generate([prompt], max_new_tokens=12)[0]
         return seen[-1]
 
