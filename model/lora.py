@@ -31,7 +31,8 @@ def apply_lora(
 
     Only LoRA weights, the projector and, with `train_embeddings`, full copies of the input embeddings and the
     LM head (needed when starting from a base model, whose ChatML tokens were never trained) require grad
-    afterwards. `target_modules` None: the family's default targets.
+    afterwards; when the base model ties the two, they stay tied (one trained copy). `target_modules` None: the
+    family's default targets.
     """
     family = model.text_family
     targets = list(family.lora_targets if target_modules is None else target_modules)
@@ -41,16 +42,17 @@ def apply_lora(
     if unknown:
         raise ValueError(f"LoRA target(s) {unknown} match no module of the {family.name} layers "
                          f"(available: {sorted(available)})")
-    if train_embeddings and model.config.tie_word_embeddings:
-        raise ValueError("lora.train_embeddings with tied input and output embeddings is not supported: the two "
-                         "trained copies would come apart; train with the LoRA alone (an instruct model's chat "
-                         "tokens are already trained)")
+    tied = train_embeddings and bool(getattr(model.config, "tie_word_embeddings", False))
     config = peft.LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=targets,
         modules_to_save=list(family.embedding_modules) if train_embeddings else None,
+        # Tied input and output embeddings (Qwen2.5-1.5B, Qwen3-1.7B): one trained copy serves as both, as the one
+        # matrix does in the base model, through saving, loading and merging (without this, peft trains two copies
+        # that come apart).
+        ensure_weight_tying=tied,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -64,7 +66,8 @@ def apply_lora(
     model.vision_tower.requires_grad_(False)
     if verbose:
         print(f"LoRA targets: {sorted(config.target_modules)} (r={r}, alpha={alpha}, dropout={dropout})"
-              + (f"; full copies trained: {list(family.embedding_modules)}" if train_embeddings else ""))
+              + (f"; full copies trained: {list(family.embedding_modules)}" if train_embeddings else "")
+              + (" (tied: one copy serves as both)" if tied else ""))
         model.language_model.print_trainable_parameters()
         n_proj = sum(p.numel() for p in model.projector.parameters())
         print(f"projector parameters (trainable, own learning rate): {n_proj:,}")

@@ -110,19 +110,49 @@ def tiny_clip_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle_dir(tmp_path_factory, tiny_llm_dir, tiny_clip_dir):
-    """A trained-looking checkpoint bundle of the tiny models: LoRA and projector set to random values (seed 1),
+def tiny_qwen2_dir(tmp_path_factory):
+    """A tiny Qwen/Qwen2.5-7B-Instruct folder in the published layout (untied embeddings, 152064 rows, 4 shards,
+    tokenizer.json with the tiny vocabulary; image token <|image_pad|> 151655)."""
+    from llm import write_tiny_qwen2_checkpoint
+
+    return write_tiny_qwen2_checkpoint(tmp_path_factory.mktemp("qwen2") / "tiny-qwen2.5", "Qwen/Qwen2.5-7B-Instruct",
+                                       seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_dir(tmp_path_factory):
+    """A tiny SigLIP checkpoint in the google/siglip-so400m-patch14-384 layout: 56 px images, 16 patch tokens."""
+    from visual import write_tiny_siglip_checkpoint
+
+    return write_tiny_siglip_checkpoint(tmp_path_factory.mktemp("siglip") / "tiny-siglip", image_size=56,
+                                        hidden_size=32, intermediate_size=64)
+
+
+def write_random_bundle(llm_dir, vision_dir, folder):
+    """A trained-looking checkpoint bundle of two base folders: LoRA and projector set to random values (seed 1),
     so that answers are deterministic gibberish that depends on the image and the whole prompt."""
     import torch
 
     from model import apply_lora, build_vlm, save_bundle, vlm_config_for
 
-    model = build_vlm(tiny_llm_dir, tiny_clip_dir)
+    model = build_vlm(llm_dir, vision_dir)
     peft_model = apply_lora(model, r=4, alpha=8, verbose=False)
     torch.manual_seed(1)
     for name, p in peft_model.named_parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.2 if "lora_" in name or "projector" in name else 0.05)
-    folder = tmp_path_factory.mktemp("bundle") / "tiny-vlm"
-    save_bundle(peft_model.eval(), folder, vlm_config_for(model, tiny_llm_dir, tiny_clip_dir, "You are a test."))
+    save_bundle(peft_model.eval(), folder, vlm_config_for(model, llm_dir, vision_dir, "You are a test."))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory, tiny_llm_dir, tiny_clip_dir):
+    """A trained-looking bundle of the tiny QWen v1 + CLIP (see write_random_bundle)."""
+    return write_random_bundle(tiny_llm_dir, tiny_clip_dir, tmp_path_factory.mktemp("bundle") / "tiny-vlm")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_siglip_bundle_dir(tmp_path_factory, tiny_qwen2_dir, tiny_siglip_dir):
+    """A trained-looking bundle of the tiny Qwen2.5 + SigLIP (see write_random_bundle)."""
+    return write_random_bundle(tiny_qwen2_dir, tiny_siglip_dir,
+                               tmp_path_factory.mktemp("bundle") / "tiny-qwen2-siglip")
