@@ -57,8 +57,8 @@ def parse_args(argv):
     parser.add_argument("--output", help="folder for metrics.json, predictions.jsonl, report.md")
     parser.add_argument("--ptb", action="store_true", help="English: the official PTB tokenizer (needs java)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--llm-path", help="the base QWen folder, if not where the checkpoint recorded it")
-    parser.add_argument("--vision-path", help="the CLIP folder, if not where the checkpoint recorded it")
+    parser.add_argument("--llm-path", help="the base LLM folder, if not where the checkpoint recorded it")
+    parser.add_argument("--vision-path", help="the vision tower folder, if not where the checkpoint recorded it")
     return parser.parse_args(argv)
 
 

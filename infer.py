@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                         "answers only the ids it does not have yet)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--llm-path", help="the base QWen folder, if not where the checkpoint recorded it")
-    parser.add_argument("--vision-path", help="the CLIP folder, if not where the checkpoint recorded it")
+    parser.add_argument("--llm-path", help="the base LLM folder, if not where the checkpoint recorded it")
+    parser.add_argument("--vision-path", help="the vision tower folder, if not where the checkpoint recorded it")
     args = parser.parse_args(argv)
 
     # Imported after the arguments are parsed: torch and transformers take seconds, `--help` should not.

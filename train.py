@@ -15,7 +15,7 @@ model, data file or every image, an output_dir that is a file or holds another r
 resume that asks for a learning rate (or another setting) that the checkpoint restores (training/checkpoints.py).
 
 With `data.feature_cache` set (or `--feature_cache DIR`; `--feature_cache ""` ignores the config's), batches
-carry the CLIP features precomputed by `process_image.py --cache-features` instead of pixels, and the tower
+carry the vision features precomputed by `process_image.py --cache-features` instead of pixels, and the tower
 never runs; the cache must have been computed with this model's tower, layer and preprocessing and hold every
 image of the training and validation files, which is checked before anything is loaded.
 """

@@ -66,7 +66,7 @@ from visual.towers import (
     vision_config,
 )
 
-CACHE_FORMAT = "clip-feature-cache/1"
+CACHE_FORMAT = "clip-feature-cache/1"  # named when CLIP was the only tower; every tower's cache uses it
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.json"
 SHARD_PATTERN = "features-{:05d}.safetensors"

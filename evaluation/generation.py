@@ -2,7 +2,7 @@
 per sample.
 
 - "with_image": the question with its own images;
-- "blank": the same prompt with every image replaced by a blank one, the tower's mean colour (CLIP's mean
+- "blank": the same prompt with every image replaced by a blank one, the tower's mean colour (its mean
   pixel: all zeros after normalisation), so the model sees an image with no content. Its answer depends on
   the prompt alone: each distinct prompt (text and number of images) is generated once and its answer given
   to every sample that asks it;
@@ -23,7 +23,7 @@ from torch import nn
 
 from evaluation.samples import PASSES, EvalSample
 
-BLANK = "mean colour (CLIP's mean pixel: zeros after normalisation)"
+BLANK = "mean colour (the tower's mean pixel: zeros after normalisation)"
 
 
 class FeatureMemo(nn.Module):

@@ -109,7 +109,7 @@ def load_vlm(
     found = {"text.family": model.text_family.name, "text.hidden_size": model.config.hidden_size,
              "vision.family": model.vision_tower.family, "vision.hidden_size": model.vision_tower.hidden_size,
              "vision.num_image_tokens": model.vision_tower.num_patches, "image_token_id": model.image_token_id}
-    if problems := differences({**config.projector_input(), "text.family": config.text.family}, found):
+    if problems := differences(config.projector_input(), found):
         raise ValueError(f"{folder} does not fit the base models at {llm_path or recorded_llm} and "
                          f"{vision_path or recorded_vision}: " + "; ".join(problems))
     load_projector(model, folder)

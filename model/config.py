@@ -96,9 +96,10 @@ class VLMConfig:
                 **self.projector_input(), "vision.path": self.vision.path}
 
     def projector_input(self) -> dict[str, Any]:
-        """What a projector's weights mean: its input (which tower, which layer, how many rows) and output width.
-        The base folders may differ (another machine)."""
-        return {"vision.family": self.vision.family, "vision.feature_layer": self.vision.feature_layer,
+        """What a projector's weights mean: its input (which tower, which layer, how many rows) and its output (the
+        LLM family and width it feeds). The base folders may differ (another machine)."""
+        return {"text.family": self.text.family,
+                "vision.family": self.vision.family, "vision.feature_layer": self.vision.feature_layer,
                 "vision.hidden_size": self.vision.hidden_size, "vision.num_image_tokens": self.vision.num_image_tokens,
                 "text.hidden_size": self.text.hidden_size, "image_token_id": self.image_token_id}
 

@@ -97,9 +97,9 @@ def portable_config(source: Path, staging: Path) -> None:
 
 
 def _base_folders(checkpoint: Path, output: Path) -> tuple[Path, Path]:
-    """(base QWen folder, CLIP folder) of `checkpoint`, once `output` is known to be none of the inputs."""
+    """(base LLM folder, vision tower folder) of `checkpoint`, once `output` is known to be none of the inputs."""
     llm_path, vision_path = (Path(p) for p in VLMConfig.load(checkpoint).resolve(checkpoint))
-    check_output(output, {"checkpoint": checkpoint, "base QWen folder": llm_path, "CLIP folder": vision_path})
+    check_output(output, {"checkpoint": checkpoint, "base LLM folder": llm_path, "vision tower folder": vision_path})
     return llm_path, vision_path
 
 
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                         "with --overwrite)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the base model's)")
     parser.add_argument("--no-copy-vision", dest="copy_vision", action="store_false",
-                        help="reference the CLIP folder instead of copying it into <output>/vision")
+                        help="reference the vision tower folder instead of copying it into <output>/vision")
     parser.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard, in GiB")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous export in --output, only when "
                         "every file in it is one the export wrote (it is listed)")

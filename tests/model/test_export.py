@@ -71,7 +71,7 @@ def test_the_output_is_never_a_folder_being_read(run_dir, base, tmp_path, capsys
         (run_dir, "is or contains the checkpoint being read"),
         (run_dir.parent, "is or contains the checkpoint being read"),
         (run_dir / "exported", "is inside the checkpoint being read"),
-        (base, "is or contains the base QWen folder"),
+        (base, "is or contains the base LLM folder"),
         (tmp_path / "afile", "is a file; name a folder"),
     ]
     for output, message in cases:
