@@ -1,11 +1,14 @@
-"""Generation speed: prefill time and decode tokens/s with the KV cache, at batch 1 and 8.
+"""Generation speed of a backbone pair: prefill time and decode tokens/s with the KV cache, at batch 1 and 8.
 
-    python -m bench.generate --size 7b                 # GPU, bf16
-    python -m bench.generate --size tiny --device cpu
+    python -m bench.generate --llm qwen-7b --vision clip-vit-l14           # GPU, bf16
+    python -m bench.generate --llm qwen2.5-7b --vision siglip-so400m
+    python -m bench.generate --llm tiny-qwen3 --vision tiny-siglip --device cpu
 
-Each prompt is one image (256 placeholder tokens at 224 px) + text, `--prompt-len` tokens in all. The prefill
-is one forward over the prompts (the tower runs once per image); decoding then generates `--new-tokens`
-tokens per prompt with greedy search and no early stop. Prints one JSON line.
+The pair is built with random weights in its published architecture (bench/harness.py: LLMS, VISIONS; `--size
+7b|1.8b|tiny` is the older name of a QWen v1 + CLIP pair). Each prompt is one image (256 placeholder tokens for
+CLIP ViT-L/14 at 224 px, 729 for SigLIP so400m at 384 px) + text, `--prompt-len` tokens in all (default: the
+image + 64 text tokens). The prefill is one forward over the prompts (the tower runs once per image); decoding
+then generates `--new-tokens` tokens per prompt with greedy search and no early stop. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ import time
 import torch
 
 from bench.harness import (
-    SIZES,
+    add_backbone_arguments,
+    backbone_pair,
     build_random_vlm,
+    check_sample_length,
     device_name,
     emit,
+    image_tokens,
     peak_memory_gb,
     reset_peak_memory,
     sync,
@@ -27,26 +33,36 @@ from bench.harness import (
     versions,
 )
 
+TEXT_TOKENS = 64  # text tokens a prompt has by default (10 before the image): 256 + 64 = 320 with CLIP ViT-L/14
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--size", choices=sorted(SIZES), default="7b")
+    add_backbone_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--prompt-len", type=int, default=320)
+    parser.add_argument("--prompt-len", type=int, default=None,
+                        help="tokens per prompt, image tokens included (default: image tokens + 64: 320 with CLIP "
+                             "ViT-L/14, 793 with SigLIP so400m)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    try:
+        llm, vision = backbone_pair(args.size, args.llm, args.vision)
+        prompt_len = args.prompt_len or image_tokens(vision) + TEXT_TOKENS
+        check_sample_length(prompt_len, vision, "--prompt-len")
+    except ValueError as e:
+        parser.error(str(e))
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model = build_random_vlm(args.size, device, dtype).eval()
+    model = build_random_vlm(llm, vision, device, dtype).eval()
     tower = model.vision_tower
     results = {}
     for batch_size in args.batch_sizes:
-        batch = synthetic_batch(batch_size, args.prompt_len, tower.num_patches, tower.image_size, 0.0, device, dtype)
+        batch = synthetic_batch(model, batch_size, prompt_len, 0.0, device, dtype)
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
         reset_peak_memory(device)
         prefill, total = [], []
@@ -76,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "generate",
         "device": device_name(device),
         "versions": versions(),
-        "config": {"size": args.size, "prompt_len": args.prompt_len, "image_tokens": tower.num_patches,
+        "config": {"llm": llm, "vision": vision, "prompt_len": prompt_len, "image_tokens": tower.num_patches,
                    "new_tokens": args.new_tokens, "dtype": str(dtype).replace("torch.", ""), "cache": "DynamicCache"},
         **results,
     }

@@ -1,11 +1,15 @@
-"""LoRA training-step throughput and memory of the full architecture, on synthetic batches.
+"""LoRA training-step throughput and memory of a backbone pair's full architecture, on synthetic batches.
 
-    python -m bench.train_step --size 7b --batch-size 8 --seq-len 512                    # GPU, bf16
-    python -m bench.train_step --size 7b --batch-size 1 --seq-len 512 --gradient-checkpointing
-    python -m bench.train_step --size tiny --device cpu
+    python -m bench.train_step --llm qwen-7b --vision clip-vit-l14 --batch-size 8     # GPU, bf16
+    python -m bench.train_step --llm qwen2.5-7b --vision siglip-so400m --batch-size 8
+    python -m bench.train_step --llm qwen-7b --vision clip-vit-l14 --batch-size 1 --gradient-checkpointing
+    python -m bench.train_step --llm tiny-qwen2.5 --vision tiny-siglip --device cpu
 
-Each step is what the Trainer does for one batch: the frozen tower encodes the images, the projector and
-LoRA (r=64 on c_attn, c_proj, w1, w2) train, loss on the supervised positions only, backward, AdamW step.
+The pair is built with random weights in its published architecture (bench/harness.py: LLMS, VISIONS; `--size
+7b|1.8b|tiny` is the older name of a QWen v1 + CLIP pair). Each step is what the Trainer does for one batch: the
+frozen tower encodes the images, the projector and LoRA (r=64 on the LLM family's default targets) train, loss
+on the supervised positions only, backward, AdamW step. A sample is 10 prompt tokens, the image's placeholders
+(256 for CLIP ViT-L/14, 729 for SigLIP so400m) and text: by default 246 text tokens (512 in all with CLIP).
 Prints one JSON line: device, versions, configuration, tokens/s, samples/s, MFU (6 FLOPs per LLM parameter
 per token against the device's dense bf16 peak), peak memory.
 """
@@ -19,11 +23,15 @@ import time
 import torch
 
 from bench.harness import (
-    SIZES,
+    PROMPT_TOKENS,
+    add_backbone_arguments,
+    backbone_pair,
     build_random_vlm,
+    check_sample_length,
     count_llm_params,
     device_name,
     emit,
+    image_tokens,
     peak_flops,
     peak_memory_gb,
     reset_peak_memory,
@@ -33,24 +41,34 @@ from bench.harness import (
 )
 from model import apply_lora
 
+TEXT_TOKENS = 246  # text after the image by default: 10 + 256 + 246 = 512 tokens a sample with CLIP ViT-L/14
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--size", choices=sorted(SIZES), default="7b")
+    add_backbone_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sample, 256 image tokens included")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sample, image tokens included (default: 10 + image tokens + 246: 512 with "
+                             "CLIP ViT-L/14, 985 with SigLIP so400m)")
     parser.add_argument("--answer-frac", type=float, default=0.5, help="supervised share of the text tokens")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--lora-r", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
+    try:
+        llm, vision = backbone_pair(args.size, args.llm, args.vision)
+        seq_len = args.seq_len or PROMPT_TOKENS + image_tokens(vision) + TEXT_TOKENS
+        check_sample_length(seq_len, vision, "--seq-len")
+    except ValueError as e:
+        parser.error(str(e))
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model = build_random_vlm(args.size, device, dtype)
+    model = build_random_vlm(llm, vision, device, dtype)
     n_llm = count_llm_params(model)
     peft_model = apply_lora(model, r=args.lora_r, alpha=16, dropout=0.05, verbose=False)
     if args.gradient_checkpointing:
@@ -59,8 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
     tower = model.vision_tower
-    batch = synthetic_batch(args.batch_size, args.seq_len, tower.num_patches, tower.image_size, args.answer_frac,
-                            device, dtype)
+    batch = synthetic_batch(model, args.batch_size, seq_len, args.answer_frac, device, dtype)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def step() -> float:
@@ -80,13 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
         loss = step()
     sync(device)
     seconds = (time.perf_counter() - started) / args.steps
-    tokens_per_s = args.batch_size * args.seq_len / seconds
+    tokens_per_s = args.batch_size * seq_len / seconds
     peak = peak_flops(device)
     record = {
         "bench": "train_step",
         "device": device_name(device),
         "versions": versions(),
-        "config": {"size": args.size, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "config": {"llm": llm, "vision": vision, "batch_size": args.batch_size, "seq_len": seq_len,
                    "image_tokens": tower.num_patches, "answer_frac": args.answer_frac, "lora_r": args.lora_r,
                    "gradient_checkpointing": args.gradient_checkpointing, "dtype": str(dtype).replace("torch.", ""),
                    "llm_params": n_llm, "trainable_params": sum(p.numel() for p in trainable)},

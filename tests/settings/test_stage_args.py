@@ -96,3 +96,50 @@ def test_the_real_recipe_has_llava_15_global_batches_and_rates_per_stage():
     assert align.args.lr_scheduler_type == instruct.args.lr_scheduler_type == "cosine"
     assert align.data.sources == ["aic"] and instruct.data.sources is None
     assert instruct.model.projector_path == align.args.output_dir != instruct.args.output_dir
+
+
+# The Qwen2.5 + SigLIP recipes: file, GPUs its per-device figures are for.
+SIGLIP_RECIPES = [("qwen2.5-7b_siglip.yaml", 8), ("qwen2.5-1.5b_siglip.yaml", 1)]
+
+
+@pytest.mark.parametrize("name,gpus", SIGLIP_RECIPES)
+def test_the_qwen25_siglip_recipes_have_llava_15_global_batches_and_rates_per_stage(name, gpus):
+    """configs/qwen2.5-*_siglip.yaml load with the strict loader and validate against TrainArguments as train.py
+    and dataset.preflight do (no model folder needed): LLaVA-1.5's global batches on the GPUs each is written for,
+    its learning rates, LLaVA-OneVision's projector stage (1e-3, weight decay 0), and the two stages chained."""
+    from pathlib import Path
+
+    config = str(Path(__file__).resolve().parents[2] / "configs" / name)
+    align = parse_train_args(["--config", config, "--stage", "align"])
+    instruct = parse_train_args(["--config", config])
+    assert align.args.per_device_train_batch_size * align.args.gradient_accumulation_steps * gpus == 256
+    assert instruct.args.per_device_train_batch_size * instruct.args.gradient_accumulation_steps * gpus == 128
+    assert (align.args.projector_learning_rate, align.args.weight_decay, align.args.num_train_epochs) == (1e-3, 0, 1)
+    assert (instruct.args.learning_rate, instruct.args.projector_learning_rate) == (2e-4, 2e-5)
+    assert instruct.args.weight_decay == 0 and instruct.args.num_train_epochs == 1
+    assert align.args.warmup_steps == instruct.args.warmup_steps == 0.03
+    assert align.args.lr_scheduler_type == instruct.args.lr_scheduler_type == "cosine"
+    assert instruct.args.activation_checkpointing
+    assert align.data.sources == ["aic"] and instruct.data.sources is None
+    assert instruct.model.projector_path == align.args.output_dir != instruct.args.output_dir
+
+
+@pytest.mark.parametrize("name,gpus", SIGLIP_RECIPES)
+def test_the_qwen25_siglip_recipes_model_lora_and_data(name, gpus):
+    """The backbone choices: SigLIP's penultimate layer (LLaVA-OneVision's features), Qwen2.5-Instruct's own default
+    system prompt, the family's LoRA targets with Qwen's LoRA shape, no trained embeddings; and the data section of
+    configs/qwen7b_coco.yaml, so that data processed for one recipe trains the others."""
+    from pathlib import Path
+
+    from llm.tiny import QWEN2_5_DEFAULT_SYSTEM
+    from settings import load_config
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    config = load_config(configs / name)
+    assert config.model.vision_feature_layer == -2
+    assert config.model.system_prompt == QWEN2_5_DEFAULT_SYSTEM
+    assert config.model.llm_path.endswith("Instruct") and config.model.vision_path.endswith("siglip-so400m-patch14-384")
+    lora = config.lora
+    assert lora.lora_target_modules is None and not lora.train_embeddings
+    assert (lora.lora_r, lora.lora_alpha, lora.lora_dropout) == (64, 16, 0.05)
+    assert config.data == load_config(configs / "qwen7b_coco.yaml").data
