@@ -18,7 +18,7 @@ The folder loads with stock transformers (`AutoModelForImageTextToText.from_pret
     preprocessor_config.json         the CLIP image processor, with the settings our preprocessing uses
     processor_config.json            LlavaProcessor: image token, patch size, strategy, 1 additional token (CLS)
     generation_config.json           infer.py's defaults: greedy, stops at <|im_end|>, <|im_start|>, <|endoftext|>,
-                                     suppresses the ids our generation never produces
+                                     suppresses the specials an answer may not hold (suppressed_token_ids)
     README.md                        model card
 
 QWen v1 is the Qwen2 architecture within `seq_length`: RMSNorm, rotary (all channels), bias on q/k/v only,
@@ -44,7 +44,7 @@ from qwen import IMAGE_TAG, IMAGE_TOKEN_ID, QWenConfig, QWenTokenizer
 from qwen.chat_format import answer_token_ids, stop_token_ids
 from qwen.checkpoint import save_sharded_safetensors
 from qwen.fast_tokenizer import build_fast_tokenizer
-from qwen.tokenization_qwen import ENDOFTEXT, IM_END, VOCAB_FILE_NAME
+from qwen.tokenization_qwen import ENDOFTEXT, IM_END, SPECIAL_START_ID, VOCAB_FILE_NAME
 from visual.clip_tower import CHECKPOINT_PREFIX, IGNORED_VISION_KEYS, inspect_checkpoint, num_image_tokens
 from visual.images import CLIPImagePreprocessor
 
@@ -152,17 +152,35 @@ def image_processor_config(preprocessor: CLIPImagePreprocessor) -> dict:
     }
 
 
+def suppressed_token_ids(tokenizer: QWenTokenizer, vocab_size: int) -> list[int]:
+    """The ids from the first special token on that an answer may not hold: the `<|extra_N|>` tokens (the image
+    placeholder among them) and the embedding rows past the last special. For Qwen-7B's vocabulary (151,643
+    ranks) these are all the ids our generation never produces (290 of 151,936).
+
+    Not listed: the ids between the tokenizer's last rank and the first special, which only a tokenizer smaller
+    than the embedding has (the demo's tiny BPE: 150,619 ids, a 1.7 MB list). No text contains them, so training
+    only ever lowered their scores, and a trained model does not rank them first (measured on the demo: the same
+    greedy answers with and without them); an untrained one may, and infer.py masks them all the same."""
+    allowed = set(answer_token_ids(tokenizer))
+    return [i for i in range(SPECIAL_START_ID, vocab_size) if i not in allowed]
+
+
+def unlisted_token_ids(tokenizer: QWenTokenizer) -> range:
+    """The ids our generation never produces that `suppressed_token_ids` leaves out (see there)."""
+    return range(min(len(tokenizer.mergeable_ranks), SPECIAL_START_ID), SPECIAL_START_ID)
+
+
 def generation_config(tokenizer: QWenTokenizer, vocab_size: int) -> dict:
     """What `inference.generate_answers` does by default (infer.py without --temperature): greedy, no repetition
-    penalty, at most 512 new tokens, our stop ids, and every id our generation may not produce suppressed."""
-    allowed = set(answer_token_ids(tokenizer))
+    penalty, at most 512 new tokens, our stop ids, and `suppressed_token_ids` suppressed (transformers applies
+    them; vLLM ignores suppress_tokens)."""
     return {
         "eos_token_id": stop_token_ids(tokenizer),  # <|im_end|>, <|im_start|>, <|endoftext|>
         "pad_token_id": tokenizer.pad_token_id,
         "do_sample": False,
         "repetition_penalty": 1.0,
         "max_new_tokens": 512,
-        "suppress_tokens": [i for i in range(vocab_size) if i not in allowed],
+        "suppress_tokens": suppressed_token_ids(tokenizer, vocab_size),
     }
 
 
@@ -258,6 +276,7 @@ def write_llava(folder: Path, model, bundle: BundleConfig, *, checkpoint: Path, 
                            preprocessor=preprocessor, patch_size=vision_config.patch_size,
                            model_max_length=qwen.seq_length, vocab_size=qwen.vocab_size)
     weight_files = [s for s in shards if s.endswith(".safetensors")]
+    tokenizer = QWenTokenizer(llm_path / VOCAB_FILE_NAME)
     write_text(folder / "README.md", model_card(
         name=name,
         checkpoint=checkpoint,
@@ -269,6 +288,8 @@ def write_llava(folder: Path, model, bundle: BundleConfig, *, checkpoint: Path, 
         dtype=str(dtype).removeprefix("torch."),
         num_parameters=sum(t.numel() for t in tensors.values()),
         weight_files=weight_files,
+        suppressed=len(suppressed_token_ids(tokenizer, qwen.vocab_size)),
+        unlisted=len(unlisted_token_ids(tokenizer)),
     ))
     size_gb = sum(t.numel() * t.element_size() for t in tensors.values()) / 1024**3
     print(f"export: {len(tensors)} tensors, {size_gb:.2f} GiB in {len(weight_files)} safetensors file(s), {dtype}",

@@ -94,9 +94,32 @@ def _evaluation_lines(checkpoint: Path) -> list[str]:
                      "demo_eval.json, metrics.json)."]
 
 
+def _generation_lines(suppressed: int, unlisted: int) -> list[str]:
+    """What generation_config.json holds, and why its suppress_tokens is what it is."""
+    lines = [
+        "generation_config.json gives the original's defaults: greedy, no repetition penalty, at most 512 new tokens, "
+        "stop at `<|im_end|>`, `<|im_start|>` or `<|endoftext|>`. Its `suppress_tokens` lists the "
+        f"{suppressed:,} ids from the first special token on that an answer may not hold (`<|extra_0|>` … "
+        "`<|extra_204|>`, the image placeholder among them, and the embedding rows past the last special), which "
+        "the original never produces. transformers applies the list; vLLM ignores `suppress_tokens` and relies on "
+        "the trained model not ranking these ids first (a trained model was never shown them as a target).",
+    ]
+    if unlisted:
+        lines += [
+            "",
+            f"The original never produces {unlisted:,} more ids either: those between its tokenizer's last token and "
+            "the first special (its tokenizer is smaller than the embedding). They are not listed: no text contains "
+            "them, so training only ever lowered their scores and a trained model does not rank them first, and the "
+            "list would grow to megabytes for a setting that vLLM ignores anyway.",
+        ]
+    return lines
+
+
 def model_card(*, name: str, checkpoint: Path, bundle, llm_path: Path, vision_path: Path, qwen, vision_config,
-               dtype: str, num_parameters: int, weight_files: list[str]) -> str:
-    """The README.md text (Markdown with a small YAML header)."""
+               dtype: str, num_parameters: int, weight_files: list[str], suppressed: int, unlisted: int) -> str:
+    """The README.md text (Markdown with a small YAML header). `suppressed`: the length of generation_config's
+    suppress_tokens; `unlisted`: the ids the original never produces that it leaves out
+    (model.export_llava.suppressed_token_ids says which and why)."""
     n_tokens = bundle.num_image_tokens
     lines = [
         "---",
@@ -152,6 +175,8 @@ def model_card(*, name: str, checkpoint: Path, bundle, llm_path: Path, vision_pa
         "```",
         "",
         f"Serving: `vllm serve {name}` (OpenAI-compatible; send `temperature: 0` for the greedy answers above).",
+        "",
+        *_generation_lines(suppressed, unlisted),
         "",
         "## Prompt format",
         "",

@@ -23,7 +23,7 @@ from transformers.utils import is_torchvision_available
 
 from dataset.conversation import build_prompt_ids, encode_conversation
 from inference import Prompt, generate_answers, query_with_images
-from inference.generation import prompt_tensors
+from inference.generation import allowed_token_mask, prompt_tensors
 from model import apply_lora, build_vlm, bundle_config_for, load_vlm, save_bundle
 from model.export import main as export_main
 from model.export_llava import write_tokenizer_files
@@ -54,9 +54,12 @@ def bundle(tiny_llm_dir, tiny_clip_dir, tmp_path_factory):
     model = build_vlm(tiny_llm_dir, tiny_clip_dir)
     peft_model = apply_lora(model, r=4, alpha=8, train_embeddings=True, verbose=False)
     torch.manual_seed(1)
+    never = ~allowed_token_mask(QWenTokenizer.from_pretrained(tiny_llm_dir), model.config.vocab_size)
     for name, p in peft_model.named_parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.2 if "lora_" in name or "projector" in name else 0.05)
+            if "lm_head" in name:  # as in a trained model, the ids no answer holds never score first (their score
+                p.data[never] = 0.0  # is 0, below the best of 1,027 random ones): the export need not list them all
     save_bundle(peft_model.eval(), folder, bundle_config_for(model, tiny_llm_dir, tiny_clip_dir, SYSTEM))
     (folder / "eval_results.json").write_text(json.dumps({"epoch": 2.0, "eval_loss": 1.2345678}))
     (folder / "demo_eval.json").write_text(json.dumps({"accuracy_with_image": 0.97, "by_language": {"zh": 0.96},
@@ -120,6 +123,18 @@ def test_folder_is_a_stock_llava_with_a_qwen2_text_model(exported, hf_model, pro
     assert processor.image_token_id == IMAGE
     generation = json.loads((exported / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [IM_END, IM_START, EOD] and generation["do_sample"] is False
+
+
+def test_suppress_tokens_lists_the_specials_no_answer_holds(exported, tiny_llm_dir):
+    """The <|extra_N|> tokens and the rows past the last special (290 ids, as for Qwen-7B's vocabulary); not the
+    150,619 ids between the tiny tokenizer's last rank and the first special (a 1.7 MB list), which the model
+    card says."""
+    never = (~allowed_token_mask(QWenTokenizer.from_pretrained(tiny_llm_dir), 151936)).nonzero().flatten().tolist()
+    suppressed = json.loads((exported / "generation_config.json").read_text())["suppress_tokens"]
+    assert suppressed == [i for i in never if i >= EOD] and len(suppressed) == 205 + 85
+    assert IMAGE in suppressed and EOD not in suppressed and IM_END not in suppressed
+    card = (exported / "README.md").read_text()
+    assert "lists the 290 ids" in card and "150,619 more ids" in card
 
 
 def test_model_card_reports_training_and_evaluation(exported):
