@@ -1,46 +1,139 @@
-"""demo.check_export: infer.py on a bundle and stock transformers on its `--format llava` export give the same
-answers (each in its own process; the stock one imports nothing of this repository)."""
+"""demo.check_export: infer.py on a bundle and an engine on its `--format llava` export give the same answers
+(each in its own process; the engine's imports nothing of this repository): stock transformers here, vLLM in
+its own environment when one is there (`bash bench/vllm_env.sh`, or $VLLM_PYTHON), else that test is skipped."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from demo.check_export import default_vllm_python, vllm_missing
 from demo.check_export import main as check_export
+from inference.generation import allowed_token_mask
+from model import apply_lora, build_vlm, bundle_config_for, save_bundle
 from model.export import main as export_main
+from qwen import QWenTokenizer
+from qwen.tiny import random_qwen_state_dict, tiny_qwen_config, write_tiny_qwen_checkpoint
+from qwen.tiny_vocab import write_tiny_vocab
+
+PROMPTS = ["What colour is the shape?", "图形是什么颜色？"]
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_bundle_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("check_export") / "llava"
-    assert export_main(["--checkpoint", str(tiny_bundle_dir), "--output", str(out), "--format", "llava",
-                        "--dtype", "fp32"]) == 0
-    return out
+def answering_bundle(tmp_path_factory, tiny_clip_dir):
+    """conftest's tiny bundle (random LLM, LoRA and projector), except that the LM-head rows of the ids no answer
+    may hold are zero: their score is exactly 0, below the best of the 1,027 random answer ids but with odds of
+    2^-1027, so like a trained model's they are never ranked first. Engines that do not suppress them (vLLM
+    ignores generation_config's suppress_tokens) then answer as infer.py does; with random rows they could not."""
+    folder = tmp_path_factory.mktemp("answering")
+    vocab = write_tiny_vocab(folder / "qwen.tiktoken")
+    fields = {"hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128}  # vLLM's CPU attention: heads of 32+
+    state = random_qwen_state_dict(tiny_qwen_config(**fields), seed=3, bias_std=0.02)
+    state["lm_head.weight"][~allowed_token_mask(QWenTokenizer(vocab), state["lm_head.weight"].shape[0])] = 0.0
+    llm_dir = write_tiny_qwen_checkpoint(folder / "tiny-qwen", state_dict=state, vocab_file=vocab, **fields)
+    model = build_vlm(llm_dir, tiny_clip_dir)
+    peft_model = apply_lora(model, r=4, alpha=8, verbose=False)
+    torch.manual_seed(1)
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.2 if "lora_" in name or "projector" in name else 0.05)
+    save_bundle(peft_model.eval(), folder / "bundle", bundle_config_for(model, llm_dir, tiny_clip_dir, "You are a test."))
+    return folder / "bundle"
 
 
-def test_answers_of_infer_and_of_the_export_are_identical(tiny_bundle_dir, exported, tmp_path, capfd):
-    images = []
+@pytest.fixture(scope="module")
+def exports(answering_bundle, tmp_path_factory):
+    """The bundle exported in fp32 and in bf16."""
+    folder = tmp_path_factory.mktemp("check_export")
+    for dtype in ("fp32", "bf16"):
+        assert export_main(["--checkpoint", str(answering_bundle), "--output", str(folder / dtype), "--format", "llava",
+                            "--dtype", dtype]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
     for seed, size in ((0, (70, 50)), (1, (40, 90))):
         pixels = np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
-        images.append(tmp_path / f"image{seed}.png")
-        Image.fromarray(pixels).save(images[-1])
-    code = check_export(["--checkpoint", str(tiny_bundle_dir), "--export", str(exported), "--image", str(images[0]),
-                         "--image", str(images[1]), "--prompt", "What colour is the shape?", "--prompt", "图形是什么颜色？",
-                         "--max-new-tokens", "6"])
+        paths.append(folder / f"image{seed}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def _check(bundle, export, images, capfd, *extra) -> tuple[int, str, float]:
+    argv = ["--checkpoint", str(bundle), "--export", str(export), "--max-new-tokens", "6", *extra]
+    for image in images:
+        argv += ["--image", str(image)]
+    for prompt in PROMPTS:
+        argv += ["--prompt", prompt]
+    code = check_export(argv)
     out = capfd.readouterr().out
+    found = re.search(r"largest difference from ours: (\S+)", out)
+    return code, out, float(found.group(1)) if found else float("nan")
+
+
+def _assert_all_same(code: int, out: str, engine: str) -> None:
     assert code == 0, out
-    assert "identical answers: 4 of 4" in out and out.count("[same]") == 4
+    assert f"identical answers ({engine}): 4 of 4" in out and out.count("[same]") == 4
     answers = [line.split(": ", 1)[1] for line in out.splitlines() if line.strip().startswith("infer.py:")]
     assert len(answers) == 4 and all(answer != "''" for answer in answers)  # something was generated
+
+
+def test_answers_of_infer_and_of_the_export_are_identical(answering_bundle, exports, images, capfd):
+    code, out, difference = _check(answering_bundle, exports / "fp32", images, capfd)
+    _assert_all_same(code, out, "transformers")
+    assert difference < 1e-4, out  # fp32 on both sides
+
+
+def test_a_changed_export_is_reported_as_different(answering_bundle, exports, images, capfd, tmp_path):
+    """Exit status 1 and [DIFF] marks when the export computes something else (its projector bias shifted)."""
+    from safetensors.torch import load_file
+
+    from common.safetensors_file import save_safetensors
+
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for path in (exports / "fp32").iterdir():
+        (changed / path.name).write_bytes(path.read_bytes())
+    weights = changed / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["multi_modal_projector.linear_2.bias"] += 3.0
+    save_safetensors(tensors, weights)
+    code, out, difference = _check(answering_bundle, changed, images, capfd)
+    assert code == 1 and "[DIFF]" in out, out
+    assert difference > 1e-3, out
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_vllm_answers_like_infer(answering_bundle, exports, images, capfd, dtype):
+    """vLLM's LLM.chat on the export, in vLLM's own environment, gives infer.py's answers (fp32 and bf16)."""
+    python = default_vllm_python()
+    missing = vllm_missing(python)
+    if missing:
+        pytest.skip(f"vLLM's environment is not there ({missing}); `bash bench/vllm_env.sh` builds it")
+    code, out, difference = _check(answering_bundle, exports / dtype, images, capfd, "--engine", "vllm",
+                                   "--vllm-python", python)
+    _assert_all_same(code, out, "vllm")
+    assert difference < (1e-4 if dtype == "fp32" else 0.1), out
 
 
 def test_bad_input_is_one_line_and_status_2(tiny_bundle_dir, tmp_path, capfd):
     image = tmp_path / "image.png"
     Image.new("RGB", (20, 20)).save(image)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text('{"architectures": ["LlavaForConditionalGeneration"]}')
     cases = [
         (["--export", str(tiny_bundle_dir), "--image", str(image)], "is not a `python -m model.export --format llava`"),
         (["--export", str(tiny_bundle_dir), "--image", str(tmp_path / "missing.png")], "not found: "),
+        (["--export", str(tmp_path / "export"), "--image", str(image), "--top-logprobs", "0"], "--top-logprobs 0"),
+        (["--export", str(tmp_path / "export"), "--image", str(image), "--engine", "vllm", "--vllm-python",
+          str(tmp_path / "no-python")], "no Python at "),
     ]
     for extra, message in cases:
         code = check_export(["--checkpoint", str(tiny_bundle_dir), "--prompt", "x", *extra])
