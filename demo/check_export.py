@@ -88,9 +88,9 @@ def _rows(path: Path) -> dict[str, dict]:
     return {row["id"]: row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
 
 
-def our_first_token_logprobs(checkpoint: str, requests: list[dict]) -> dict[str, list[float]]:
-    """Per request id, log_softmax of our model's logits for the first answer token (fp32, CPU, nothing
-    suppressed), with the prompt infer.py builds."""
+def our_first_token_logprobs(checkpoint: str, requests: list[dict]) -> dict:
+    """Per request id, our model's log-probabilities of the first answer token over the whole vocabulary (a tensor;
+    fp32, CPU, nothing suppressed), with the prompt infer.py builds."""
     import torch
 
     from inference import Prompt, load_checkpoint, query_with_images
@@ -106,13 +106,14 @@ def our_first_token_logprobs(checkpoint: str, requests: list[dict]) -> dict[str,
                                                            loaded.config.system_prompt, loaded.config.num_image_tokens)
         with torch.no_grad():
             logits = loaded.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels).logits
-        found[request["id"]] = torch.log_softmax(logits[0, -1].float(), dim=-1).tolist()
+        found[request["id"]] = torch.log_softmax(logits[0, -1].float(), dim=-1)
     return found
 
 
-def largest_logprob_difference(ours: dict[str, list[float]], engine: dict[str, dict]) -> float:
-    """The largest |engine - ours| over every request and every candidate the engine reported."""
-    return max((abs(value - ours[key][int(token)]) for key, row in engine.items()
+def largest_logprob_difference(ours: dict, engine: dict[str, dict]) -> float:
+    """The largest |engine - ours| over every request and every candidate the engine reported (`ours`: per request
+    id, a tensor of log-probabilities over the vocabulary)."""
+    return max((abs(value - float(ours[key][int(token)])) for key, row in engine.items()
                 for token, value in row.get("first_token_logprobs", {}).items()), default=0.0)
 
 
