@@ -83,10 +83,11 @@ LLMS: dict[str, LLMSpec] = {
     "qwen3-8b": LLMSpec("qwen2", {**_QWEN3, "hidden_size": 4096, "num_hidden_layers": 36, "num_attention_heads": 32,
                                   "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288,
                                   "vocab_size": 151936, "tie_word_embeddings": False}, "qwen3"),
-    # Tiny ones, full vocabularies: QWen v1 (2 layers, hidden 64); Qwen2.5 and Qwen3 at llm/tiny.py's tiny sizes
-    # in the Qwen2.5-7B-Instruct and Qwen3-8B layouts (the sizes the tests' tiny folders have).
-    "tiny-qwen": LLMSpec("qwen", {**_QWEN_V1_7B, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                  "kv_channels": 16, "intermediate_size": 256}),
+    # Tiny ones, full vocabularies: QWen v1 (2 layers, hidden 64, 2 heads of 32 channels: the smallest head that
+    # vLLM's CPU attention runs, for bench/vllm_generate.py); Qwen2.5 and Qwen3 at llm/tiny.py's tiny sizes in the
+    # Qwen2.5-7B-Instruct and Qwen3-8B layouts (the sizes the tests' tiny folders have).
+    "tiny-qwen": LLMSpec("qwen", {**_QWEN_V1_7B, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                  "kv_channels": 32, "intermediate_size": 256}),
     "tiny-qwen2.5": LLMSpec("qwen2", tiny_qwen2_config("Qwen/Qwen2.5-7B-Instruct"), "qwen2.5"),
     "tiny-qwen3": LLMSpec("qwen2", tiny_qwen2_config("Qwen/Qwen3-8B"), "qwen3"),
 }

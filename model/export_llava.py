@@ -24,7 +24,7 @@ The folder loads with stock transformers (`AutoModelForImageTextToText.from_pret
     preprocessor_config.json         the tower's image processor, with the settings our preprocessing uses
     processor_config.json            LlavaProcessor: image token, patch size, strategy, additional tokens (CLS: 1)
     generation_config.json           infer.py's defaults: greedy, stops at <|im_end|>, <|im_start|>, <|endoftext|>,
-                                     suppresses the ids our generation never produces
+                                     suppresses the special tokens an answer may not hold (suppressed_token_ids)
     README.md                        model card (model/model_card.py)
 """
 
@@ -82,17 +82,43 @@ def num_additional_image_tokens(select_strategy: str) -> int:
     return 1 if select_strategy == "default" else 0
 
 
+def suppressed_token_ids(tokenizer: ChatTokenizer, vocab_size: int) -> list[int]:
+    """The ids from the tokenizer's first special token on that an answer may not hold: its special and added
+    tokens other than the three stop tokens (the image placeholder among them; QWen v1's `<|extra_N|>`, Qwen2.5's
+    vision, tool-call and fill-in-the-middle tokens, Qwen3's `<think>` too) and the embedding rows past the
+    tokenizer. With a published vocabulary (151,643 ordinary tokens) these are all the ids our generation never
+    produces: 290 of 151,936 rows for Qwen-7B, Qwen2.5-1.5B and Qwen3; 418 of 152,064 for Qwen2.5-7B.
+
+    Not listed (`unlisted_token_ids`): the ids below the first special that the tokenizer has no token for, which
+    only a tokenizer smaller than the embedding has (the demo's and the tests' tiny BPE: 150,619 ids, a 1.7 MB
+    list). No text contains them, so training only ever lowered their scores, and a trained model does not rank
+    them first (measured on the demo: the same greedy answers with and without them); an untrained one may, and
+    infer.py masks them all the same."""
+    first, allowed = _first_special_id(tokenizer, vocab_size), set(tokenizer.answer_token_ids())
+    return [i for i in range(first, vocab_size) if i not in allowed]
+
+
+def unlisted_token_ids(tokenizer: ChatTokenizer, vocab_size: int) -> list[int]:
+    """The ids our generation never produces that `suppressed_token_ids` leaves out (see there)."""
+    first, allowed = _first_special_id(tokenizer, vocab_size), set(tokenizer.answer_token_ids())
+    return [i for i in range(first) if i not in allowed]
+
+
+def _first_special_id(tokenizer: ChatTokenizer, vocab_size: int) -> int:
+    return min(*tokenizer.special_ids, vocab_size)
+
+
 def generation_config(tokenizer: ChatTokenizer, vocab_size: int) -> dict:
     """What `inference.generate_answers` does by default (infer.py without --temperature): greedy, no repetition
-    penalty, at most 512 new tokens, our stop ids, and every id our generation may not produce suppressed."""
-    allowed = set(tokenizer.answer_token_ids())
+    penalty, at most 512 new tokens, our stop ids, and `suppressed_token_ids` suppressed (transformers applies
+    them; vLLM ignores suppress_tokens)."""
     return {
         "eos_token_id": tokenizer.stop_token_ids,  # <|im_end|>, <|im_start|>, <|endoftext|>
         "pad_token_id": tokenizer.pad_token_id,
         "do_sample": False,
         "repetition_penalty": 1.0,
         "max_new_tokens": 512,
-        "suppress_tokens": [i for i in range(vocab_size) if i not in allowed],
+        "suppress_tokens": suppressed_token_ids(tokenizer, vocab_size),
     }
 
 
@@ -189,13 +215,13 @@ def write_llava(folder: Path, model, bundle: VLMConfig, *, checkpoint: Path, llm
     }
     tensors = {key: t.detach().to(dtype) for key, t in tensors.items()}
 
+    vocab_size = config.text_config.vocab_size
     write_text(folder / "config.json", config.to_json_string())
     shards = save_sharded_safetensors(tensors, folder, max_shard_bytes=max_shard_bytes)
     write_processing_files(folder, tokenizer=tokenizer, tokenizer_json=text.tokenizer_json,
                            system_prompt=bundle.system_prompt, preprocessor=preprocessor,
                            patch_size=vision_config.patch_size, select_strategy=strategy,
-                           model_max_length=config.text_config.max_position_embeddings,
-                           vocab_size=config.text_config.vocab_size)
+                           model_max_length=config.text_config.max_position_embeddings, vocab_size=vocab_size)
     weight_files = [s for s in shards if s.endswith(".safetensors")]
     write_text(folder / "README.md", model_card(
         name=name,
@@ -210,6 +236,8 @@ def write_llava(folder: Path, model, bundle: VLMConfig, *, checkpoint: Path, llm
         dtype=str(dtype).removeprefix("torch."),
         num_parameters=sum(t.numel() for t in tensors.values()),
         weight_files=weight_files,
+        suppressed=len(suppressed_token_ids(tokenizer, vocab_size)),
+        unlisted=len(unlisted_token_ids(tokenizer, vocab_size)),
     ))
     size_gb = sum(t.numel() * t.element_size() for t in tensors.values()) / 1024**3
     print(f"export: {len(tensors)} tensors, {size_gb:.2f} GiB in {len(weight_files)} safetensors file(s), {dtype}",

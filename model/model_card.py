@@ -94,15 +94,41 @@ def _evaluation_lines(checkpoint: Path) -> list[str]:
                      "demo_eval.json, metrics.json)."]
 
 
+def _generation_lines(image_token: str, suppressed: int, unlisted: int) -> list[str]:
+    """What generation_config.json holds, and why its suppress_tokens is what it is
+    (model.export_llava.suppressed_token_ids)."""
+    lines = [
+        "generation_config.json gives the original's defaults: greedy, no repetition penalty, at most 512 new tokens, "
+        "stop at `<|im_end|>`, `<|im_start|>` or `<|endoftext|>`. Its `suppress_tokens` lists the "
+        f"{suppressed:,} ids from the tokenizer's first special token on that an answer may not hold (the special and "
+        f"added tokens other than those three, the image placeholder `{image_token}` among them, and the embedding "
+        "rows past the tokenizer), which the original never produces. transformers applies the list; vLLM ignores "
+        "`suppress_tokens` and relies on the trained model not ranking these ids first (a trained model was never "
+        "shown them as a target).",
+    ]
+    if unlisted:
+        lines += [
+            "",
+            f"The original never produces {unlisted:,} more ids either: those below the first special token that its "
+            "tokenizer has no token for (its tokenizer is smaller than the embedding). They are not listed: no text "
+            "contains them, so training only ever lowered their scores and a trained model does not rank them first, "
+            "and the list would grow to megabytes for a setting that vLLM ignores anyway.",
+        ]
+    return lines
+
+
 def _architecture(config) -> str:
     """The transformers name of a config's model: "Qwen2", "Qwen3", "CLIPVision", "SiglipVision"."""
     return type(config).__name__.removesuffix("Config")
 
 
 def model_card(*, name: str, checkpoint: Path, bundle, llm_path: Path, vision_path: Path, text, vision_label: str,
-               vision_config, select_strategy: str, dtype: str, num_parameters: int, weight_files: list[str]) -> str:
+               vision_config, select_strategy: str, dtype: str, num_parameters: int, weight_files: list[str],
+               suppressed: int, unlisted: int) -> str:
     """The README.md text (Markdown with a small YAML header). `text` is the language model as exported
-    (llm.base.TransformersText), `vision_config` the exported vision config of the `vision_label` tower."""
+    (llm.base.TransformersText), `vision_config` the exported vision config of the `vision_label` tower.
+    `suppressed`: the length of generation_config's suppress_tokens; `unlisted`: the ids the original never
+    produces that it leaves out (model.export_llava.suppressed_token_ids says which and why)."""
     n_tokens = bundle.vision.num_image_tokens
     llm = text.config
     language = _architecture(llm)
@@ -165,6 +191,8 @@ def model_card(*, name: str, checkpoint: Path, bundle, llm_path: Path, vision_pa
         "```",
         "",
         f"Serving: `vllm serve {name}` (OpenAI-compatible; send `temperature: 0` for the greedy answers above).",
+        "",
+        *_generation_lines(bundle.image_token, suppressed, unlisted),
         "",
         "## Prompt format",
         "",

@@ -40,6 +40,7 @@ def command_lines(text: str) -> list[str]:
     """The python/python3/bash command lines of a markdown text (fenced blocks, then inline code spans)."""
     lines = []
     for block in _FENCE.findall(text):
+        block = re.sub(r"\\\n\s*", " ", block)  # a line ending in a backslash goes on in the next one
         lines += [line.split(" #", 1)[0].strip() for line in block.splitlines()]
     lines += [" ".join(span.split()) for span in _INLINE.findall(text)]
     commands = []

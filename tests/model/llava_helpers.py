@@ -6,6 +6,7 @@ CLIP, tests/model/test_export_llava_backbones.py on Qwen2.5 / Qwen3 with CLIP or
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,8 +19,16 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationC
 
 from dataset.conversation import build_prompt_ids, encode_conversation
 from inference import Prompt, generate_answers, query_with_images
-from inference.generation import prompt_tensors
+from inference.generation import allowed_token_mask, prompt_tensors
 from llm import load_tokenizer
+from llm.qwen2_tokenizer import Qwen2Tokenizer
+from llm.tiny import (
+    published_layout,
+    random_qwen2_state_dict,
+    tiny_qwen2_config,
+    write_qwen2_tokenizer_files,
+    write_tiny_qwen2_checkpoint,
+)
 from model import apply_lora, build_vlm, load_vlm, save_bundle, vlm_config_for
 from model.export import main as export_main
 from visual import load_image_preprocessor
@@ -44,17 +53,59 @@ IMAGES = [make_image(0, 80, 60), make_image(1, 50, 90), make_image(2, 56, 56), m
 # --------------------------------------------------------------------------------------------------
 
 
+def never_ids(tokenizer, vocab_size: int) -> torch.Tensor:
+    """[vocab_size] mask of every id no answer holds (what infer.py masks)."""
+    return ~allowed_token_mask(tokenizer, vocab_size)
+
+
+def unlisted_ids(tokenizer, vocab_size: int) -> torch.Tensor:
+    """[vocab_size] mask of the ids no answer holds below the tokenizer's first special token: the ids a tokenizer
+    smaller than the embedding has no token for (150,619 with the tiny test vocabularies), which the export's
+    `suppress_tokens` does not list (model.export_llava.suppressed_token_ids)."""
+    never = never_ids(tokenizer, vocab_size)
+    never[min(tokenizer.special_ids):] = False
+    return never
+
+
+def quiet_rows(head: torch.Tensor, ids: torch.Tensor) -> None:
+    """Zero the output-head rows of `ids` (a mask), as in a trained model, where ids no answer holds never score
+    first: 0 is below the best of the ~1,000 random scores of the tiny vocabulary's tokens. With `unlisted_ids`, the
+    export's transformers side answers like infer.py (without, an untrained tiny model ranks one of the 150,619 ids
+    the short `suppress_tokens` leaves out first at nearly every step); with `never_ids`, an engine that applies no
+    `suppress_tokens` at all (vLLM) does too."""
+    with torch.no_grad():
+        head[ids] = 0.0
+
+
 def make_bundle(folder: Path, llm_dir: Path, vision_dir: Path, *, train_embeddings: bool) -> Path:
     """A bundle whose every trained tensor has a visible value: LoRA on all default targets, the projector, and,
-    with `train_embeddings`, full copies of the embeddings and the LM head."""
+    with `train_embeddings`, full copies of the embeddings and the LM head (its `unlisted_ids` rows quiet; without
+    `train_embeddings` the head is the LLM folder's, whose rows should be quiet already: `write_quiet_qwen2_checkpoint`)."""
     model = build_vlm(llm_dir, vision_dir)
     peft_model = apply_lora(model, r=4, alpha=8, train_embeddings=train_embeddings, verbose=False)
+    tokenizer = load_tokenizer(llm_dir)
     torch.manual_seed(1)
     for name, p in peft_model.named_parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.2 if "lora_" in name or "projector" in name else 0.05)
+            if "lm_head" in name:
+                quiet_rows(p, unlisted_ids(tokenizer, p.shape[0]))
     save_bundle(peft_model.eval(), folder, vlm_config_for(model, llm_dir, vision_dir, SYSTEM))
     return folder
+
+
+def write_quiet_qwen2_checkpoint(path: Path, repo: str, *, seed: int, quiet=unlisted_ids, **config_fields) -> Path:
+    """`llm.tiny.write_tiny_qwen2_checkpoint(path, repo, seed=seed, **config_fields)` with the `quiet(tokenizer,
+    vocab_size)` rows of its output head at 0 (`quiet_rows`; the embeddings when tied: those ids are never an input
+    either), for a bundle that does not train the head."""
+    config = tiny_qwen2_config(repo, **config_fields)
+    state = random_qwen2_state_dict(config, seed=seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        write_qwen2_tokenizer_files(scratch, published_layout(repo).family)
+        tokenizer = Qwen2Tokenizer.from_pretrained(scratch)
+    head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+    quiet_rows(head, quiet(tokenizer, head.shape[0]))
+    return write_tiny_qwen2_checkpoint(path, repo, state_dict=state, **config_fields)
 
 
 def export_llava(bundle: Path, output: Path) -> Path:

@@ -20,8 +20,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokeniz
 from transformers.utils import is_torchvision_available
 
 from dataset.conversation import build_prompt_ids
+from inference.generation import allowed_token_mask
 from model.export import main as export_main
-from model.export_llava import tokenizer_config
+from model.export_llava import suppressed_token_ids, tokenizer_config, unlisted_token_ids
 from qwen import IMAGE_TAG, IMAGE_TOKEN_ID, QWenTokenizer
 from qwen.fast_tokenizer import build_fast_tokenizer
 from tests.model import llava_helpers as helpers
@@ -90,6 +91,25 @@ def test_folder_is_a_stock_llava_with_a_qwen2_text_model(exported, hf_model, pro
     assert json.loads((exported / "processor_config.json").read_text())["num_additional_image_tokens"] == 1
     generation = json.loads((exported / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [IM_END, IM_START, EOD] and generation["do_sample"] is False
+
+
+def test_suppress_tokens_lists_the_specials_no_answer_holds(exported, tiny_llm_dir):
+    """The <|extra_N|> tokens and the rows past the last special (290 ids, as for Qwen-7B's vocabulary); not the
+    150,619 ids between the tiny tokenizer's last rank and the first special (a 1.7 MB list), which the model
+    card says."""
+    never = (~allowed_token_mask(QWenTokenizer.from_pretrained(tiny_llm_dir), 151936)).nonzero().flatten().tolist()
+    suppressed = json.loads((exported / "generation_config.json").read_text())["suppress_tokens"]
+    assert suppressed == [i for i in never if i >= EOD] and len(suppressed) == 205 + 85
+    assert IMAGE in suppressed and EOD not in suppressed and IM_END not in suppressed
+    card = (exported / "README.md").read_text()
+    assert "lists the 290 ids" in card and "150,619 more ids" in card
+
+
+def test_suppress_tokens_with_the_real_vocabulary(tok_real):
+    """With Qwen-7B's 151,643 ranks the list holds every id our generation never produces, none left out."""
+    never = (~allowed_token_mask(tok_real, 151936)).nonzero().flatten().tolist()
+    assert suppressed_token_ids(tok_real, 151936) == never and len(never) == 290
+    assert unlisted_token_ids(tok_real, 151936) == []
 
 
 def test_model_card_reports_training_and_evaluation(exported):

@@ -1,7 +1,8 @@
 """`python -m model.export --format llava` for the other backbones: Qwen2.5 / Qwen3 with CLIP or SigLIP.
 
 Each pair is built in the published layouts (llm.tiny, visual.write_tiny_*_checkpoint), trained-looking (LoRA and
-projector with visible random values; untied embeddings trained in full too), exported in fp32, and loaded by stock
+projector with visible random values; untied embeddings trained in full too; the head's rows of the ids the tiny
+tokenizer lacks at 0, as a trained model scores them below its answers), exported in fp32, and loaded by stock
 transformers: its `LlavaForConditionalGeneration` must give our logits (1e-5) and greedy tokens, its processor +
 chat template + `generate()` our answers, its processor our prompt ids and pixels (the checks of
 tests/model/llava_helpers.py, shared with the QWen v1 + CLIP tests). The folder must hold the LLM as it is: its
@@ -17,8 +18,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llm.tiny import write_tiny_qwen2_checkpoint
+from inference.generation import allowed_token_mask
+from llm.qwen2_tokenizer import Qwen2Tokenizer
+from llm.tiny import write_qwen2_tokenizer_files
 from model.export import main as export_main
+from model.export_llava import suppressed_token_ids, unlisted_token_ids
 from model.llava_chat_template import chat_template
 from tests.model import llava_helpers as helpers
 from visual import write_tiny_siglip_checkpoint
@@ -50,7 +54,7 @@ def pair(request, tmp_path_factory, tiny_clip_dir, siglip_dir):
     """One pair: its folders, its bundle and export, our model and transformers' loaded from them."""
     repo, vision = PAIRS[request.param]
     root = tmp_path_factory.mktemp(request.param.replace("+", "-"))
-    llm_dir = write_tiny_qwen2_checkpoint(root / repo.split("/")[1], repo, seed=5)
+    llm_dir = helpers.write_quiet_qwen2_checkpoint(root / repo.split("/")[1], repo, seed=5)
     llm_config = json.loads((llm_dir / "config.json").read_text())
     vision_dir = tiny_clip_dir if vision == "clip" else siglip_dir
     bundle = helpers.make_bundle(root / "bundle", llm_dir, vision_dir,
@@ -125,6 +129,32 @@ def test_tokenizer_and_image_token_are_the_llm_s(pair):
     assert IMAGE_PAD in generation["suppress_tokens"] and IM_END not in generation["suppress_tokens"]
 
 
+def test_suppress_tokens_lists_the_added_tokens_no_answer_holds(pair):
+    """The added tokens other than the three stop tokens (19 of Qwen2.5's 22; 23 of Qwen3's 26, `<think>` among them)
+    and the rows past the tokenizer; not the 150,619 ids below the first added token that the tiny tokenizer has no
+    token for (a 1.7 MB list), which the model card says."""
+    vocab_size, added = pair.llm_config["vocab_size"], {"qwen2": 22, "qwen3": 26}[pair.llm_config["model_type"]]
+    never = (~allowed_token_mask(pair.ours.tokenizer, vocab_size)).nonzero().flatten().tolist()
+    suppressed = _json(pair.exported, "generation_config.json")["suppress_tokens"]
+    assert suppressed == [i for i in never if i >= EOD]
+    assert len(suppressed) == (added - 3) + (vocab_size - EOD - added)
+    card = (pair.exported / "README.md").read_text(encoding="utf-8")
+    assert f"lists the {len(suppressed)} ids" in card and "`<|image_pad|>` among them" in card
+    assert "150,619 more ids" in card
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3"])
+def test_suppress_tokens_with_the_published_vocabulary(family, tok_real_vocab_file, tmp_path):
+    """With the published 151,643 ranks the list holds every id our generation never produces, none left out: 290
+    of 151,936 rows (Qwen2.5-1.5B/3B, Qwen3), 418 of Qwen2.5-7B's 152,064."""
+    write_qwen2_tokenizer_files(tmp_path, family, vocab_file=tok_real_vocab_file)
+    tokenizer = Qwen2Tokenizer.from_pretrained(tmp_path)
+    for vocab_size, count in [(151936, 290), (152064, 418)]:
+        never = (~allowed_token_mask(tokenizer, vocab_size)).nonzero().flatten().tolist()
+        assert suppressed_token_ids(tokenizer, vocab_size) == never and len(never) == count
+        assert unlisted_token_ids(tokenizer, vocab_size) == []
+
+
 def test_model_card_names_the_backbones(pair):
     card = (pair.exported / "README.md").read_text(encoding="utf-8")
     vision = {"clip": "a CLIP vision tower", "siglip": "a SigLIP vision tower"}[pair.vision]
@@ -174,7 +204,8 @@ def test_logits_equal_ours_unpadded(pair, name):
 @pytest.mark.parametrize("pair", GENERATING_PAIRS, indirect=True)
 def test_stock_pipeline_answers_like_infer(pair):
     """Greedy answers: `inference.generate_answers` == processor + chat template + generate() (a left-padded batch)."""
-    # 5 new tokens: each step of transformers' generate() suppresses the ~151k ids past the tiny vocabulary
+    # 5 new tokens (seconds each at a 152k vocabulary); the LLM folder's head gives the ids the tiny vocabulary lacks
+    # a score of 0, as a trained model would (helpers.write_quiet_qwen2_checkpoint): suppress_tokens does not list them
     helpers.check_stock_pipeline_answers(pair.ours, pair.hf_model, pair.processor, max_new_tokens=5)
 
 
