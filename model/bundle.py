@@ -126,22 +126,30 @@ def unwrap(model) -> QWenVLForCausalLM:
     return model
 
 
-def save_bundle(model, folder: str | os.PathLike, config: BundleConfig) -> Path:
+def save_bundle(model, folder: str | os.PathLike, config: BundleConfig, state_dict: dict | None = None) -> Path:
     """Write adapter (if the model is a PeftModel), projector and config into `folder`.
 
     Files are written aside first and moved in one by one, the config last: an interrupted save leaves no
     half-written file, and a folder without vlm_config.json is recognisably incomplete. Other files already
-    in `folder` (the Trainer's optimizer state, say) are left alone.
+    in `folder` (the Trainer's optimizer state, say) are left alone. `state_dict`: whole tensors named as in
+    `model.state_dict()`, at least the trained ones, for a model whose own parameters are shards (DeepSpeed
+    ZeRO-3, FSDP); the adapter and the projector are then taken from it.
     """
     folder = Path(folder)
     (folder / BUNDLE_CONFIG_FILE).unlink(missing_ok=True)  # the folder is incomplete until the new config lands
     with staged_files(folder, last=(BUNDLE_CONFIG_FILE,)) as staging:
         has_adapter = hasattr(model, "peft_config")
         if has_adapter:
-            model.save_pretrained(staging, safe_serialization=True)
+            model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         projector = unwrap(model).projector
-        save_safetensors({k: v.detach().float().contiguous() for k, v in projector.state_dict().items()},
-                         staging / PROJECTOR_FILE)
+        if state_dict is None:
+            weights = projector.state_dict()
+        else:
+            prefix = next(name for name, module in model.named_modules() if module is projector) + "."
+            weights = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+            if missing := sorted(set(projector.state_dict()) - set(weights)):
+                raise ValueError(f"save_bundle: state_dict lacks the projector's {missing}")
+        save_safetensors({k: v.detach().float().contiguous() for k, v in weights.items()}, staging / PROJECTOR_FILE)
         dataclasses.replace(config, adapter=has_adapter).save(staging)
     return folder
 

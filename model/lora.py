@@ -57,6 +57,6 @@ def apply_lora(
         print(f"LoRA targets: {sorted(config.target_modules)} (r={r}, alpha={alpha}, dropout={dropout})"
               + (f"; full copies trained: {list(EMBEDDING_MODULES)}" if train_embeddings else ""))
         peft_model.print_trainable_parameters()
-        n_proj = sum(p.numel() for p in base.projector.parameters())
+        n_proj = sum(getattr(p, "ds_numel", p.numel()) for p in base.projector.parameters())  # (ZeRO-3: a shard)
         print(f"projector parameters (trainable, own learning rate): {n_proj:,}")
     return peft_model
