@@ -74,7 +74,8 @@ def build_project(work: Path, steps: int) -> Path:
     }
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    subprocess.run([sys.executable, "process_image.py", "--config", str(path)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "process_image.py", "--config", str(path)], cwd=ROOT, check=True,
+                   capture_output=True)  # (stdout carries only the JSON lines)
     return path
 
 

@@ -217,7 +217,8 @@ class VLMTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume (the Trainer calls it without DeepSpeed, which loads its own state): the bundle's adapter and
-        projector; FSDP's own sharded state instead, after the same compatibility check."""
+        projector; FSDP's own state instead, after the same compatibility check (FSDP has not run here: it needs
+        GPUs, and bench/engines.py is its check)."""
         model = model if model is not None else self.model
         check_compatible(resume_from_checkpoint, self.bundle_config, self.model)
         if self.is_fsdp_enabled:
@@ -228,7 +229,8 @@ class VLMTrainer(Trainer):
     def _load_best_model(self) -> None:
         """`load_best_model_at_end`: restore the best checkpoint's adapter AND projector (the stock method
         would reload the adapter only, leaving the last projector beside the best adapter). DeepSpeed and FSDP:
-        the stock method, which loads the engine's own state of that checkpoint (projector included)."""
+        the stock method, which reloads the engine's own state of that checkpoint, projector included (not run
+        here yet)."""
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             super()._load_best_model()
             return

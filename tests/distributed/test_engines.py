@@ -104,3 +104,13 @@ def test_the_gpu_check_says_it_needs_a_gpu():
                             timeout=300, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "bench.engines: needs a CUDA GPU (the CPU engines are checked by tests/distributed)" in result.stderr
+
+
+@needs_deepspeed
+def test_deepspeed_without_a_launcher_is_refused(dist_project, tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--config", str(dist_project / "config.yaml"), "--deepspeed",
+                             "configs/zero2.json", "--output_dir", str(tmp_path / "out")], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "train.py: error: deepspeed: start it with torchrun (`bash train.sh --deepspeed ...` does" in result.stderr
+    assert not (tmp_path / "out").exists()
