@@ -63,7 +63,8 @@ def save_bundle(model, folder: str | os.PathLike, config: VLMConfig, state_dict:
     if state_dict is None:
         adapter, projector = None, vlm.projector.state_dict()
     else:
-        trained = [name for name, p in vlm.language_model.named_parameters() if p.requires_grad]
+        trained = [name for name, p in vlm.language_model.named_parameters(remove_duplicate=False)
+                   if p.requires_grad]  # (a trained copy of tied embeddings: peft saves it under both names)
         adapter = _part_of(vlm, vlm.language_model, state_dict, needed=trained) if vlm.has_adapter else None
         projector = _part_of(vlm, vlm.projector, state_dict, needed=list(vlm.projector.state_dict()))
     (folder / BUNDLE_CONFIG_FILE).unlink(missing_ok=True)  # the folder is incomplete until the new config lands

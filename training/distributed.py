@@ -80,20 +80,23 @@ def shards_parameters(trainer) -> bool:
 
 def full_trainable_weights(model, state_dict: dict | None, deepspeed: bool) -> dict[str, torch.Tensor] | None:
     """The trained parameters of `model` (the VisionLanguageModel, or a wrapper), whole and fp32 on the CPU, named
-    as in the VisionLanguageModel's `state_dict()` (what `save_bundle` takes); None where the model's own parameters
-    are already that (plain or DDP training). Under DeepSpeed each is gathered from the
-    optimizer's fp32 master copy (ZeRO-1/2 keep low-precision module copies, ZeRO-3 keeps shards): a collective,
-    which every process must call. Under FSDP, `state_dict` is the full one the Trainer gathered."""
+    as in the VisionLanguageModel's `state_dict()` (what `save_bundle` takes; a parameter that two modules share, as
+    the trained copy of tied embeddings, under both names); None where the model's own parameters are already that
+    (plain or DDP training). Under DeepSpeed each is gathered from the optimizer's fp32 master copy (ZeRO-1/2 keep
+    low-precision module copies, ZeRO-3 keeps shards): a collective, which every process must call. Under FSDP,
+    `state_dict` is the full one the Trainer gathered."""
     if deepspeed:
         from deepspeed.utils import safe_get_full_fp32_param
 
-        weights = {}
-        for name, p in unwrap(model).named_parameters():
+        weights, whole = {}, {}
+        for name, p in unwrap(model).named_parameters(remove_duplicate=False):  # a tied copy under each of its names
             if p.requires_grad:
-                full = safe_get_full_fp32_param(p)
-                if full is None:
-                    raise RuntimeError(f"DeepSpeed holds no fp32 master copy of the trained parameter {name}")
-                weights[name] = full.detach().float().cpu()
+                if id(p) not in whole:
+                    full = safe_get_full_fp32_param(p)
+                    if full is None:
+                        raise RuntimeError(f"DeepSpeed holds no fp32 master copy of the trained parameter {name}")
+                    whole[id(p)] = full.detach().float().cpu()
+                weights[name] = whole[id(p)]
         return weights
     return state_dict
 
