@@ -6,8 +6,11 @@ LoRA + projector with the frozen tower, started from a projector, checkpoint at 
   order (fp32 rounding, which Adam's normalised step amplifies where a gradient is near zero; measured 3e-6 after
   3 steps on weights up to 0.85, while one step of the projector's weight decay alone moves them by up to 1e-3).
   ZeRO-3 shards every weight, the projector and the larger LoRA matrices included; before the bundle writer
-  gathered them, its checkpoints held empty tensors there, and starting from a projector failed (`file (32, 32) vs
-  model (0,)`).
+  gathered them, its checkpoints held empty tensors there.
+- A start projector loads into a projector that ZeRO-3 has already sharded (one built under `deepspeed.zero.Init`;
+  train.py builds the projector whole and DeepSpeed shards it at the engine's start, but a model built under
+  zero.Init, as the old QWen-based one was by `from_pretrained`, failed: `file (32, 32) vs model (0,)`), for QWen v1
+  + CLIP and Qwen2.5 + SigLIP, each LLM loaded partitioned.
 - A ZeRO checkpoint resumes (DeepSpeed's own sharded state, on the same number of processes) exactly.
 - A ZeRO-3 checkpoint exports (`model.export`) to what the DDP one exports.
 - FSDP is refused on CPU, where the Trainer would silently train with DDP instead.
@@ -18,12 +21,16 @@ deepspeed is an optional extra (not in requirements-dev.txt): without it, its te
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from tests.distributed.conftest import ENV, ROOT, assert_same_weights, free_port, per_device, train_sh
@@ -87,6 +94,57 @@ def test_a_zero3_checkpoint_exports_like_a_ddp_one(zero_run, ddp_run, tmp_path):
     assert exports["ddp"].keys() == exports["zero3"].keys()
     for key, tensor in exports["ddp"].items():
         torch.testing.assert_close(exports["zero3"][key], tensor, atol=TOLERANCE["zero3"], rtol=0, msg=key)
+
+
+ZERO3 = {"zero_optimization": {"stage": 3}, "train_batch_size": 2}
+
+
+def load_into_shards(rank: int, init_file: str, out_dir: str, pairs: dict[str, tuple[str, str, str]]) -> None:
+    """One of two processes, for each (LLM, tower, start bundle) of `pairs`: the model loaded under ZeRO-3 (the LLM
+    partitioned while it loads, as train.py's is) with its projector built sharded, the start projector loaded,
+    then the whole projector gathered on each process, against the file's."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from model import build_vlm, vlm_config_for
+    from model.modeling_vlm import Projector
+    from training.stages import load_start_projector
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    deepspeed.init_distributed(dist_backend="gloo")
+    zero3 = HfDeepSpeedConfig(ZERO3)  # (while it lives, from_pretrained loads under deepspeed.zero.Init)
+    seen = {}
+    for name, (llm, vision, start) in pairs.items():
+        model = build_vlm(llm, vision)
+        shape = model.projector.linear_1.in_features, model.projector.linear_1.out_features
+        with deepspeed.zero.Init(config_dict_or_path=ZERO3):
+            model.projector = Projector(*shape)
+        sharded = [tuple(p.shape) for p in model.projector.parameters()]
+        load_start_projector(model, start, vlm_config_for(model, llm, vision, "x"), verbose=False)
+        with deepspeed.zero.GatheredParameters(list(model.projector.parameters())):
+            whole = {k: v.clone() for k, v in model.projector.state_dict().items()}
+        expected = load_file(str(Path(start) / "projector.safetensors"))
+        seen[name] = {"llm_sharded": hasattr(model.llm.get_input_embeddings().weight, "ds_id"), "sharded": sharded,
+                      "equal": whole.keys() == expected.keys() and all(torch.equal(whole[k], expected[k])
+                                                                       for k in expected)}
+    del zero3
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+@needs_deepspeed
+def test_a_start_projector_loads_into_zero3_shards(request, tmp_path):
+    """QWen v1 + CLIP and Qwen2.5 + SigLIP (whose strict loader also has to accept a partitioned load)."""
+    pairs = {name: tuple(str(request.getfixturevalue(f)) for f in fixtures) for name, fixtures in {
+        "qwen1-clip": ("tiny_llm_dir", "tiny_clip_dir", "tiny_bundle_dir"),
+        "qwen2-siglip": ("tiny_qwen2_dir", "tiny_siglip_dir", "tiny_qwen2_siglip_bundle_dir")}.items()}
+    mp.spawn(load_into_shards, args=(str(tmp_path / "init"), str(tmp_path), pairs), nprocs=2, join=True)
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    for name in pairs:
+        assert all(s[name]["llm_sharded"] for s in seen), name
+        assert all(s[name]["sharded"] == [[0]] * 4 for s in seen), name  # (outside a gather every shard looks empty)
+        assert all(s[name]["equal"] for s in seen), name
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CPU only (a GPU machine runs FSDP)")
