@@ -42,6 +42,7 @@ from model.bundle import check_compatible
 from settings import ConfigError
 from settings.training import TrainSetup, parse_train_args
 from training.checkpoints import check_output_dir, check_resume_settings, clear_previous_run, resolve_resume
+from training.distributed import on_every_process, shards_parameters, start_deepspeed
 from training.stages import (
     check_projector_folder,
     load_start_projector,
@@ -158,6 +159,22 @@ def check_ranks_agree(model) -> None:
         raise RuntimeError(f"ranks ended with different weights: {everyone}")
 
 
+def check_start(setup: TrainSetup) -> tuple[str | None, list[str], FeatureCache | None]:
+    """The inputs, the output folder and the checkpoint to resume from checked, and the feature cache opened, before
+    anything is loaded or written: (checkpoint to resume or None, notes to print, feature cache or None)."""
+    args = setup.args
+    check_inputs(setup)
+    check_output_dir(args.output_dir, resume=args.resume_from_checkpoint, overwrite=args.overwrite_output_dir)
+    resume, notes = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    return resume, notes, open_feature_cache(setup)  # FeatureCacheError is a ValueError
+
+
+def resumed_checkpoint(start: tuple) -> str:
+    """What every process must agree on after `check_start`: the checkpoint it resumes, by name (per-machine output
+    folders may have different paths), and so its step."""
+    return f"resumes from {Path(start[0]).name}" if start[0] else "starts a new run"
+
+
 def build(setup: TrainSetup, resume: str | None, feature_cache):
     """The model to train (instruct: with LoRA; align: the projector alone trainable), the tokenizer, the datasets
     and the bundle config; ValueError/FileNotFoundError."""
@@ -209,13 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         args = setup.args
         if problems := unsupported_options(args):
             raise ConfigError("; ".join(problems))
-        check_inputs(setup)
-        check_output_dir(args.output_dir, resume=args.resume_from_checkpoint, overwrite=args.overwrite_output_dir)
-        resume, notes = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-        feature_cache = open_feature_cache(setup)  # FeatureCacheError is a ValueError
+        # on every process (every machine's own files): passing everywhere, resuming the same checkpoint, or stopping
+        resume, notes, feature_cache = on_every_process(check_start, setup, world_size=args.world_size,
+                                                        agree=resumed_checkpoint)
+        start_deepspeed(args)
         set_seed(args.seed)
         model, tokenizer, datasets, bundle_config = build(setup, resume, feature_cache)
-        check_resume_settings(resume, args)  # (after build's check that the checkpoint is this model's)
+        # (after build's check that the checkpoint is this model's; on every process, as the start-up checks)
+        on_every_process(check_resume_settings, resume, args, world_size=args.world_size)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
@@ -257,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         print("train.py: error: no sample could be loaded any more: every image failed (see the warnings above)",
               file=sys.stderr)
         return 2
-    check_ranks_agree(model)
+    if not shards_parameters(trainer):  # (ZeRO-3 and FSDP hold shards: no replicas to compare)
+        check_ranks_agree(model)
     skipped = trainer.skipped_samples()
     if skipped and args.should_log:
         print(f"samples skipped for unreadable images (all processes, all epochs): {skipped}")

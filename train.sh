@@ -4,12 +4,17 @@
 #   bash train.sh                                   # the demo: tiny models, synthetic data, CPU, minutes
 #   CONFIG=configs/qwen7b_coco.yaml bash train.sh   # the real recipe on every visible GPU
 #   NPROC=2 bash train.sh --learning_rate 1e-4      # 2 processes; any train.py flag goes on top
-#   bash train.sh --deepspeed configs/zero2.json    # DeepSpeed ZeRO-2 (pip install deepspeed)
+#   bash train.sh --deepspeed configs/zero3.json    # DeepSpeed ZeRO-3 (pip install deepspeed; README: Scaling out)
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash train.sh   # on the first of two machines; NODE_RANK=1 on the other
 #
-# One process (CPU, or one GPU) runs `python train.py`; several (NPROC, default: the visible GPUs) run
-# `torchrun --nproc_per_node NPROC train.py`. The hyper-parameters come from the config (the seed recipe's
-# are in configs/qwen7b_coco.yaml); LORA_R, LORA_ALPHA, LORA_DROPOUT, LR, PROJECTOR_LR, EPOCHS, BATCH_SIZE,
-# GRAD_ACCUM and SAVE_STEPS in the environment override them, and so does any train.py flag after train.sh.
+# One process (CPU, or one GPU) runs `python train.py`; several (NPROC, default: the visible GPUs), or DeepSpeed, run
+# `python -m torch.distributed.run --nproc_per_node NPROC train.py` (torchrun). Several machines: the same command
+# on each, with NNODES (machines), NODE_RANK (this one's number, 0..NNODES-1) and MASTER_ADDR/MASTER_PORT (node 0's
+# address and a free port), or RDZV_ENDPOINT=host:port (torchrun's c10d rendezvous; RDZV_ID names the job) instead
+# of MASTER_ADDR; the demo's preparation and evaluation run on node 0 only. The hyper-parameters come from the
+# config (the seed recipe's are in configs/qwen7b_coco.yaml); LORA_R, LORA_ALPHA, LORA_DROPOUT, LR, PROJECTOR_LR,
+# EPOCHS, BATCH_SIZE, GRAD_ACCUM and SAVE_STEPS in the environment override them, and so does any train.py flag
+# after train.sh.
 #
 # Two stages: a config with an `align:` section trains the projector alone first (`train.py --stage align`,
 # into align.output_dir), then LoRA + projector from it (into training.output_dir). STAGE=align or
@@ -59,11 +64,34 @@ if [ -z "${NPROC:-}" ]; then
   fi
 fi
 
+# Several machines: every node runs this script with the same NNODES and its own NODE_RANK.
+NNODES=${NNODES:-1}
+if ! [[ "$NNODES" =~ ^[1-9][0-9]*$ ]]; then
+  echo "train.sh: NNODES must be a positive number of machines, got '$NNODES'" >&2
+  exit 2
+fi
+if [ "$NNODES" -gt 1 ] && [ -z "${RDZV_ENDPOINT:-}" ]; then
+  if [ -z "${NODE_RANK:-}" ] || [ -z "${MASTER_ADDR:-}" ]; then
+    echo "train.sh: NNODES=$NNODES needs NODE_RANK (this machine's number, 0 to $((NNODES - 1))) and MASTER_ADDR" \
+         "(the address of node 0), or RDZV_ENDPOINT=host:port" >&2
+    exit 2
+  fi
+fi
+NODE_RANK=${NODE_RANK:-0}
+if ! [[ "$NODE_RANK" =~ ^[0-9]+$ ]] || [ "$NODE_RANK" -ge "$NNODES" ]; then
+  echo "train.sh: NODE_RANK must be a number from 0 to $((NNODES - 1)) (NNODES=$NNODES), got '$NODE_RANK'" >&2
+  exit 2
+fi
+
 DEMO_FLAGS=()
 if grep -q '^demo:' "$CONFIG"; then
-  # The demo builds its own tiny checkpoints and synthetic data, then preprocesses them like real data.
-  "$PYTHON" -m demo.prepare --config "$CONFIG"
-  "$PYTHON" process_image.py --config "$CONFIG"
+  # The demo builds its own tiny checkpoints and synthetic data, then preprocesses them like real data: on node 0
+  # only; the other nodes train on what it prepared (on several machines, the checkout on a shared filesystem), as
+  # torchrun's rendezvous waits for node 0, which joins once the data is ready.
+  if [ "$NODE_RANK" = 0 ]; then
+    "$PYTHON" -m demo.prepare --config "$CONFIG"
+    "$PYTHON" process_image.py --config "$CONFIG"
+  fi
   # Run again, the demo replaces its own previous run (train.py says what it deletes). Only the demo: any other
   # config into a non-empty output_dir is refused unless resumed or given --overwrite_output_dir explicitly.
   DEMO_FLAGS=(--overwrite_output_dir)
@@ -76,8 +104,20 @@ add LORA_R --lora_r; add LORA_ALPHA --lora_alpha; add LORA_DROPOUT --lora_dropou
 add LR --learning_rate; add PROJECTOR_LR --projector_learning_rate; add EPOCHS --num_train_epochs
 add BATCH_SIZE --per_device_train_batch_size; add GRAD_ACCUM --gradient_accumulation_steps; add SAVE_STEPS --save_steps
 
-if [ "$NPROC" -gt 1 ]; then
-  LAUNCH=(torchrun --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29500}")
+# DeepSpeed needs a launcher's environment (LOCAL_RANK, ...), also for one process.
+DEEPSPEED=no
+if grep -qE '^\s+deepspeed:' "$CONFIG"; then DEEPSPEED=yes; fi
+for arg in "$@"; do
+  case "$arg" in --deepspeed | --deepspeed=*) DEEPSPEED=yes ;; esac
+done
+if [ -n "${RDZV_ENDPOINT:-}" ]; then
+  LAUNCH=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NPROC" --rdzv_backend c10d
+          --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-train}")
+elif [ "$NNODES" -gt 1 ]; then
+  LAUNCH=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC"
+          --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}")
+elif [ "$NPROC" -gt 1 ] || [ "$DEEPSPEED" = yes ]; then
+  LAUNCH=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29500}")
 else
   LAUNCH=("$PYTHON")
 fi
@@ -88,6 +128,6 @@ for stage in "${STAGES[@]}"; do
     ${DEMO_FLAGS[@]+"${DEMO_FLAGS[@]}"} ${OVERRIDES[@]+"${OVERRIDES[@]}"} "$@"
 done
 
-if grep -q '^demo:' "$CONFIG" && [ "${STAGES[-1]}" = instruct ]; then
+if grep -q '^demo:' "$CONFIG" && [ "${STAGES[-1]}" = instruct ] && [ "$NODE_RANK" = 0 ]; then
   "$PYTHON" -m demo.evaluate --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} "$@"
 fi

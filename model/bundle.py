@@ -48,23 +48,42 @@ def unwrap(model) -> VisionLanguageModel:
     return model
 
 
-def save_bundle(model, folder: str | os.PathLike, config: VLMConfig) -> Path:
+def save_bundle(model, folder: str | os.PathLike, config: VLMConfig, state_dict: dict | None = None) -> Path:
     """Write the language model's LoRA adapter (when it has one), the projector and the config into `folder`.
 
     Files are written aside first and moved in one by one, the config last: an interrupted save leaves no
     half-written file, and a folder without vlm_config.json is recognisably incomplete. Other files already
-    in `folder` (the Trainer's optimizer state, say) are left alone.
+    in `folder` (the Trainer's optimizer state, say) are left alone. `state_dict`: whole tensors named as in the
+    VisionLanguageModel's own `state_dict()` (`language_model.…`, `projector.…`), at least the trained ones, for a
+    model whose own parameters are shards (DeepSpeed ZeRO-3, FSDP); the adapter and the projector are then taken
+    from it (ValueError if it lacks any of theirs).
     """
     folder = Path(folder)
     vlm = unwrap(model)
+    if state_dict is None:
+        adapter, projector = None, vlm.projector.state_dict()
+    else:
+        trained = [name for name, p in vlm.language_model.named_parameters(remove_duplicate=False)
+                   if p.requires_grad]  # (a trained copy of tied embeddings: peft saves it under both names)
+        adapter = _part_of(vlm, vlm.language_model, state_dict, needed=trained) if vlm.has_adapter else None
+        projector = _part_of(vlm, vlm.projector, state_dict, needed=list(vlm.projector.state_dict()))
     (folder / BUNDLE_CONFIG_FILE).unlink(missing_ok=True)  # the folder is incomplete until the new config lands
     with staged_files(folder, last=(BUNDLE_CONFIG_FILE,)) as staging:
-        if vlm.has_adapter:
-            vlm.language_model.save_pretrained(staging, safe_serialization=True)
-        save_safetensors({k: v.detach().float().contiguous() for k, v in vlm.projector.state_dict().items()},
-                         staging / PROJECTOR_FILE)
+        if vlm.has_adapter:  # (peft keeps the adapter's tensors of `adapter`, named relative to the language model)
+            vlm.language_model.save_pretrained(staging, safe_serialization=True, state_dict=adapter)
+        save_safetensors({k: v.detach().float().contiguous() for k, v in projector.items()}, staging / PROJECTOR_FILE)
         dataclasses.replace(config, adapter=vlm.has_adapter).save(staging)
     return folder
+
+
+def _part_of(vlm: VisionLanguageModel, module: torch.nn.Module, state_dict: dict, needed: list[str]) -> dict:
+    """The tensors of `state_dict` (named as in `vlm.state_dict()`) that belong to `module`, one of `vlm`'s
+    submodules, named relative to it; ValueError naming those of `needed` it lacks."""
+    prefix = next(name for name, sub in vlm.named_modules() if sub is module) + "."
+    part = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    if missing := sorted(set(needed) - set(part)):
+        raise ValueError(f"save_bundle: the state_dict lacks tensors of {prefix[:-1]}: {missing}")
+    return part
 
 
 def load_projector(model: VisionLanguageModel, folder: Path) -> None:

@@ -69,6 +69,6 @@ def apply_lora(
               + (f"; full copies trained: {list(family.embedding_modules)}" if train_embeddings else "")
               + (" (tied: one copy serves as both)" if tied else ""))
         model.language_model.print_trainable_parameters()
-        n_proj = sum(p.numel() for p in model.projector.parameters())
+        n_proj = sum(getattr(p, "ds_numel", p.numel()) for p in model.projector.parameters())  # (ZeRO-3: a shard)
         print(f"projector parameters (trainable, own learning rate): {n_proj:,}")
     return model

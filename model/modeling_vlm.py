@@ -92,6 +92,12 @@ class VisionLanguageModel(nn.Module):
         return self.language_model.config
 
     @property
+    def _no_split_modules(self) -> list[str]:
+        """The LLM's decoder layer class (QWenBlock, Qwen2DecoderLayer, ...): what FSDP wraps one unit at a time
+        when its config names no class (configs/fsdp.json), as accelerate reads it from the model."""
+        return list(getattr(self.llm, "_no_split_modules", None) or [])
+
+    @property
     def generation_config(self):
         """The language model's generation defaults (generation passes every setting explicitly)."""
         return self.llm.generation_config

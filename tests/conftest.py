@@ -120,6 +120,14 @@ def tiny_qwen2_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_tied_dir(tmp_path_factory):
+    """A tiny Qwen/Qwen3-1.7B folder: tied embeddings (no lm_head.weight in the files)."""
+    from llm import write_tiny_qwen2_checkpoint
+
+    return write_tiny_qwen2_checkpoint(tmp_path_factory.mktemp("qwen3") / "tiny-qwen3", "Qwen/Qwen3-1.7B", seed=5)
+
+
+@pytest.fixture(scope="session")
 def tiny_siglip_dir(tmp_path_factory):
     """A tiny SigLIP checkpoint in the google/siglip-so400m-patch14-384 layout: 56 px images, 16 patch tokens."""
     from visual import write_tiny_siglip_checkpoint

@@ -3,8 +3,9 @@ image features land where the frozen LLM can read them; `instruct` then trains L
 starting from the aligned projector.
 
 - `prepare_align`: the align stage's model: no LoRA at all, every parameter frozen but the projector's.
-- `load_start_projector`: the projector that starts a stage (`model.projector_path`), loaded exactly; a folder
-  without one, or one of another shape or image setting, is refused with one line.
+- `load_start_projector`: the projector that starts a stage (`model.projector_path`), loaded exactly (also into a
+  model built under DeepSpeed ZeRO-3); a folder without one, or one of another shape or image setting, is refused
+  with one line.
 - `resolve_sources` / `sample_filter`: which processed samples a stage trains on (the `source` field of each
   sample holds its source's name; a config may name sources by name or by format).
 """
@@ -20,6 +21,8 @@ from model.bundle import PROJECTOR_FILE, load_projector, unwrap
 from model.config import BUNDLE_CONFIG_FILE, VLMConfig, differences
 from settings import ConfigError
 from settings.sections import DataConfig
+
+from .distributed import gathered
 
 
 def prepare_align(model, verbose: bool = True):
@@ -64,8 +67,10 @@ def load_start_projector(model, folder: str | Path, current: VLMConfig, verbose:
         if moved and verbose:
             print(f"train.py: note: the projector of {folder} was trained with other base folders ({', '.join(moved)}"
                   "); its shapes fit")
+    projector = unwrap(model).projector
     try:
-        load_projector(unwrap(model), folder)
+        with gathered(projector.parameters()):  # built under DeepSpeed ZeRO-3: whole while loaded, then sharded again
+            load_projector(unwrap(model), folder)
     except ValueError as e:
         raise ValueError(f"model.projector_path: {e}") from e
     if verbose:

@@ -6,7 +6,9 @@
   one of their five captions per epoch), grouping samples of similar length with
   `train_sampling_strategy: group_by_length`.
 - `_save` / `_load_from_checkpoint`: every checkpoint is a complete bundle (adapter + projector + config,
-  see `model/bundle.py`), and resuming restores both the adapter and the projector.
+  see `model/bundle.py`), and resuming restores both the adapter and the projector. Under DeepSpeed the bundle
+  holds the optimizer's fp32 master weights, gathered whole (ZeRO-3 shards them: without the gather the saved
+  projector and the larger LoRA matrices were empty tensors); DeepSpeed and FSDP resume from their own state.
 - `_save_checkpoint`: a checkpoint is sealed once every rank has written its part (`training/checkpoints.py`:
   files flushed to disk, then a record of them written last), and only then are old checkpoints rotated away
   (`save_total_limit`), so an interrupted save never costs the previous complete checkpoint.
@@ -22,6 +24,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -34,12 +37,14 @@ from model.bundle import check_compatible, load_trainable, save_bundle
 from model.config import VLMConfig
 
 from .checkpoints import seal_checkpoint, unseal_checkpoint
+from .distributed import full_trainable_weights
 
 
 def build_param_groups(
     model: torch.nn.Module, *, learning_rate: float, projector_learning_rate: float, weight_decay: float, verbose: bool = True
 ) -> list[dict]:
-    """Trainable parameters in four groups: {LLM side, projector} x {matrices: decayed, biases/norms: not}."""
+    """Trainable parameters in four groups: {LLM side, projector} x {matrices: decayed, biases/norms: not}, by each
+    parameter's whole shape (also when DeepSpeed ZeRO-3 has already sharded it)."""
     groups = {
         ("llm", True): [], ("llm", False): [], ("projector", True): [], ("projector", False): [],
     }
@@ -47,7 +52,8 @@ def build_param_groups(
         if not p.requires_grad:
             continue
         side = "projector" if ".projector." in f".{name}" else "llm"
-        groups[(side, p.ndim >= 2)].append(p)
+        shape = getattr(p, "ds_shape", p.shape)  # (a ZeRO-3 shard is flat: its whole shape is ds_shape)
+        groups[(side, len(shape) >= 2)].append(p)
     out = []
     for (side, decay), params in groups.items():
         if not params:
@@ -60,7 +66,7 @@ def build_param_groups(
         })
     if verbose:
         for g in out:
-            n = sum(p.numel() for p in g["params"])
+            n = sum(getattr(p, "ds_numel", p.numel()) for p in g["params"])  # (ZeRO-3: the whole size, not the shard)
             print(f"optimizer group {g['name']:<20} tensors={len(g['params']):<5} params={n:>12,} "
                   f"lr={g['lr']:.2e} weight_decay={g['weight_decay']}")
     return out
@@ -68,7 +74,8 @@ def build_param_groups(
 
 def unsupported_options(args) -> list[str]:
     """The TrainingArguments values this trainer refuses, each as one sentence that starts with the option's name:
-    they would make the Trainer weigh or compute the loss otherwise than the model's token-weighted loss."""
+    they would make the Trainer weigh or compute the loss otherwise than the model's token-weighted loss, or train
+    otherwise than asked (FSDP on CPU)."""
     problems = []
     if not args.average_tokens_across_devices:
         problems.append("average_tokens_across_devices: false is not supported: the loss weighs every supervised "
@@ -78,6 +85,12 @@ def unsupported_options(args) -> list[str]:
                         "`labels`, and the loss is the model's")
     if not 0.0 <= args.label_smoothing_factor < 1.0:
         problems.append(f"label_smoothing_factor: {args.label_smoothing_factor} is not in [0, 1)")
+    if args.deepspeed and "LOCAL_RANK" not in os.environ:
+        problems.append("deepspeed: start it with torchrun (`bash train.sh --deepspeed ...` does, also for one process): "
+                        "DeepSpeed needs a launcher's environment (LOCAL_RANK, WORLD_SIZE, ...)")
+    if args.fsdp and args.use_cpu:
+        problems.append("fsdp: not on CPU: accelerate runs FSDP on GPUs only, and with use_cpu the Trainer would train "
+                        "with plain DDP instead, silently (DeepSpeed ZeRO-2 and ZeRO-3 do run on CPU)")
     if (args.activation_checkpointing_kwargs or {}).get("use_reentrant", False):
         problems.append("use_reentrant: true (activation_checkpointing_kwargs) is not supported: reentrant "
                         "checkpointing loses the graph of text-only batches and breaks DDP with LoRA; leave it out "
@@ -176,9 +189,11 @@ class VLMTrainer(Trainer):
         )
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Every process comes here (the Trainer's `save_model`); one writes the bundle."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        weights = full_trainable_weights(self.model, state_dict, deepspeed=self.is_deepspeed_enabled)
         if self.args.should_save:
-            save_bundle(self.model, output_dir, self.bundle_config)
+            save_bundle(self.model, output_dir, self.bundle_config, state_dict=weights)
 
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = self._get_output_dir(trial=trial)
@@ -191,8 +206,9 @@ class VLMTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
-        for own in folder.glob(f"rng_state_{self.args.process_index}.pth"):  # each rank flushes its own file
-            fsync_file(own)
+        rank = self.args.process_index
+        for own in [*folder.glob(f"rng_state_{rank}.pth"), *folder.glob(f"global_step*/*zero_pp_rank_{rank}_*")]:
+            fsync_file(own)  # each rank flushes its own files (RNG state, DeepSpeed's optimizer shard)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             seal_checkpoint(folder, self.state.global_step)
@@ -201,13 +217,24 @@ class VLMTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # nobody reads a checkpoint before it is sealed
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume (the Trainer calls it without DeepSpeed, which loads its own state): the bundle's adapter and
+        projector; FSDP's own state instead, after the same compatibility check (FSDP has not run here: it needs
+        GPUs, and bench/engines.py is its check)."""
         model = model if model is not None else self.model
-        check_compatible(resume_from_checkpoint, self.bundle_config, model)
+        check_compatible(resume_from_checkpoint, self.bundle_config, self.model)
+        if self.is_fsdp_enabled:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
         load_trainable(model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         """`load_best_model_at_end`: restore the best checkpoint's adapter AND projector (the stock method
-        would reload the adapter only, leaving the last projector beside the best adapter)."""
+        would reload the adapter only, leaving the last projector beside the best adapter). DeepSpeed and FSDP:
+        the stock method, which reloads the engine's own state of that checkpoint, projector included (not run
+        here yet)."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            super()._load_best_model()
+            return
         best = self.state.best_model_checkpoint
         if best is None or not Path(best).is_dir():
             raise FileNotFoundError(f"load_best_model_at_end: best checkpoint not found: {best}")

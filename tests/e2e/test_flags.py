@@ -29,6 +29,7 @@ CASES = [
      "--max-new"),
     ("bench.evaluate", ["--batch", "8"], "--batch"),
     ("bench.demo_seeds", ["--seed", "3"], "--seed"),
+    ("bench.engines", ["--step", "2"], "--step"),
     ("webui", ["--shar"], "--shar"),
 ]
 

@@ -24,7 +24,7 @@ def run_train_sh(tmp_path, config: dict, *args, stage: str | None = None, env: d
     fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
     fake.chmod(0o755)
     environment = {k: v for k, v in os.environ.items() if k not in ("STAGE", "LR", "PROJECTOR_LR")}
-    environment.update(PYTHON=str(fake), NPROC="1", CONFIG=str(path), **(env or {}))
+    environment.update({"PYTHON": str(fake), "NPROC": "1", "CONFIG": str(path), **(env or {})})
     if stage is not None:
         environment["STAGE"] = stage
     result = subprocess.run(["bash", str(ROOT / "train.sh"), *args], env=environment, capture_output=True,

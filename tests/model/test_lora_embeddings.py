@@ -7,14 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm import write_tiny_qwen2_checkpoint
 from model import apply_lora, build_vlm, load_vlm, save_bundle, vlm_config_for
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen3_tied_dir(tmp_path_factory):
-    """A tiny Qwen/Qwen3-1.7B folder: tied embeddings (no lm_head.weight in the files)."""
-    return write_tiny_qwen2_checkpoint(tmp_path_factory.mktemp("qwen3") / "tiny-qwen3", "Qwen/Qwen3-1.7B", seed=5)
 
 
 def trained_copy(module: torch.nn.Module) -> torch.Tensor:
