@@ -20,6 +20,10 @@ run bench.gpu_checks
 run bench.train_step --size 7b --batch-size 1 --seq-len 512 --gradient-checkpointing --steps 5 --warmup 2
 run bench.train_step --size 7b --batch-size 8 --seq-len 512 --steps 8 --warmup 2
 run bench.train_step --size 7b --batch-size 16 --seq-len 512 --gradient-checkpointing --steps 5 --warmup 2
+# QLoRA (README, QLoRA): 4-bit NF4 base weights, next to bf16 at the same batch with checkpointing.
+run bench.train_step --size 7b --batch-size 8 --seq-len 512 --gradient-checkpointing --steps 5 --warmup 2
+run bench.train_step --size 7b --batch-size 1 --seq-len 512 --gradient-checkpointing --quantization nf4 --steps 5 --warmup 2
+run bench.train_step --size 7b --batch-size 8 --seq-len 512 --gradient-checkpointing --quantization nf4 --steps 5 --warmup 2
 run bench.generate --size 7b --batch-sizes 1 8 32 --new-tokens 64 --repeats 2
 # The serving path: the `model.export --format llava` folder of the same 7B model in vLLM, same workload as the
 # bench.generate row above (one image + text, about 320 prompt tokens, 64 greedy new tokens), at batch 1 and 32.

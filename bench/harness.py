@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import platform
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import peft
 import torch
@@ -20,8 +22,10 @@ import transformers
 from transformers import CLIPVisionConfig
 
 from llm import family_named
+from llm.quantization import NONE
 from model import VisionLanguageModel
 from qwen import IMAGE_TAG, IMAGE_TOKEN_ID, QWenConfig, QWenLMHeadModel
+from qwen.checkpoint import save_sharded_safetensors
 from visual import CLIPVisionTower
 
 SIZES = {
@@ -73,9 +77,10 @@ def versions() -> dict:
             "cuda": torch.version.cuda, "python": platform.python_version()}
 
 
-def build_random_vlm(size: str, device: torch.device, dtype: torch.dtype):
+def build_random_vlm(size: str, device: torch.device, dtype: torch.dtype, quantization: str = NONE):
     """A VisionLanguageModel (QWen + CLIP) of the named size with random weights, built directly on `device` in
-    `dtype`."""
+    `dtype`; with `quantization` "nf4", the QWen is written to a temporary folder and loaded back the way a real
+    checkpoint loads in 4-bit (`TextFamily.load_model`), onto the current GPU (or the CPU)."""
     spec = SIZES[size]
     vision_config = CLIPVisionConfig(**spec["clip"])
     config = QWenConfig(**spec["qwen"])
@@ -96,12 +101,20 @@ def build_random_vlm(size: str, device: torch.device, dtype: torch.dtype):
                 p.normal_(0.0, 0.02)
     model.vision_tower.to(device, dtype)
     model.projector.float()
+    if quantization != NONE:
+        with tempfile.TemporaryDirectory() as folder:
+            model.language_model.config.save_pretrained(folder)
+            save_sharded_safetensors(model.language_model.state_dict(), Path(folder), max_shard_bytes=2**31)
+            model.language_model = None  # its full-precision weights are freed before the 4-bit ones load
+            model.language_model = model.text_family.load_model(folder, dtype=dtype, quantization=quantization)
     return model
 
 
 def count_llm_params(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "vision_tower" not in n and "projector" not in n
-               and "lora_" not in n)
+    """Parameters of the LLM (a 4-bit weight counts the values it holds, not its packed bytes)."""
+    return sum(p.quant_state.shape.numel() if hasattr(p, "quant_state") else p.numel()
+               for n, p in model.named_parameters()
+               if "vision_tower" not in n and "projector" not in n and "lora_" not in n)
 
 
 def synthetic_batch(batch: int, seq_len: int, n_image_tokens: int, image_size: int, answer_frac: float,

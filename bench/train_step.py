@@ -3,6 +3,7 @@
     python -m bench.train_step --size 7b --batch-size 8 --seq-len 512                    # GPU, bf16
     python -m bench.train_step --size 7b --batch-size 1 --seq-len 512 --gradient-checkpointing
     python -m bench.train_step --size tiny --device cpu
+    python -m bench.train_step --size 7b --batch-size 1 --seq-len 512 --gradient-checkpointing --quantization nf4
 
 Each step is what the Trainer does for one batch: the frozen tower encodes the images, the projector and
 LoRA (r=64 on c_attn, c_proj, w1, w2) train, loss on the supervised positions only, backward, AdamW step.
@@ -31,6 +32,7 @@ from bench.harness import (
     synthetic_batch,
     versions,
 )
+from llm.quantization import NONE, QUANTIZATIONS
 from model import apply_lora
 
 
@@ -44,13 +46,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--answer-frac", type=float, default=0.5, help="supervised share of the text tokens")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=NONE,
+                        help="nf4: the LLM's linear weights in 4-bit (QLoRA; needs bitsandbytes)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model = build_random_vlm(args.size, device, dtype)
+    model = build_random_vlm(args.size, device, dtype, quantization=args.quantization)
     n_llm = count_llm_params(model)
     peft_model = apply_lora(model, r=args.lora_r, alpha=16, dropout=0.05, verbose=False)
     if args.gradient_checkpointing:
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {"size": args.size, "batch_size": args.batch_size, "seq_len": args.seq_len,
                    "image_tokens": tower.num_patches, "answer_frac": args.answer_frac, "lora_r": args.lora_r,
                    "gradient_checkpointing": args.gradient_checkpointing, "dtype": str(dtype).replace("torch.", ""),
+                   "quantization": args.quantization,
                    "llm_params": n_llm, "trainable_params": sum(p.numel() for p in trainable)},
         "step_seconds": round(seconds, 4),
         "tokens_per_s": round(tokens_per_s, 1),
