@@ -187,6 +187,7 @@ def test_both_exports_fold_the_adapter_into_the_original_weights_and_load_withou
         assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((qwen_out / "vlm_config.json").read_text())["text"]["quantization"] == "none"
     assert "quantization_config" not in (llava_out / "config.json").read_text()
+    assert "Trained as QLoRA: the LLM's linear weights were held in 4-bit NF4" in (llava_out / "README.md").read_text()
 
     # c_attn of layer 0, by hand: the base folder's weight + (alpha / r) * B @ A, not the 4-bit weight's values
     base = weights(project / "tiny-qwen")["transformer.h.0.attn.c_attn.weight"]
@@ -211,3 +212,23 @@ def test_both_exports_fold_the_adapter_into_the_original_weights_and_load_withou
     with torch.no_grad():
         ours = merged.llm(torch.tensor([[1, 2, 3, 4, 5]])).logits
     torch.testing.assert_close(torch.tensor(loaded["qwen"]), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_both_stages_train_on_the_4bit_base(project, tmp_path):
+    """The align stage (projector only, the 4-bit LLM frozen), then the instruct stage from its projector."""
+    config = yaml.safe_load((project / "config.yaml").read_text())
+    config["model"]["quantization"] = "nf4"
+    config["training"].update(output_dir=str(tmp_path / "instruct"), max_steps=2, save_steps=2)
+    config["align"] = {"output_dir": str(tmp_path / "align"), "sources": ["aic"], "max_steps": 2}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    align = run("train.py", "--config", str(tmp_path / "c.yaml"), "--stage", "align")
+    assert align.returncode == 0, align.stderr[-3000:]
+    assert "align stage: only the projector trains" in align.stdout
+    instruct = run("train.py", "--config", str(tmp_path / "c.yaml"))
+    assert instruct.returncode == 0, instruct.stderr[-3000:]
+    assert f"projector loaded from {tmp_path / 'align' / 'projector.safetensors'}" in instruct.stdout
+    for stage, adapter in (("align", False), ("instruct", True)):
+        saved = json.loads((tmp_path / stage / "vlm_config.json").read_text())
+        assert saved["text"]["quantization"] == "nf4" and saved["adapter"] == adapter, stage
+    before, after = (tensors(tmp_path / stage, "projector.safetensors") for stage in ("align", "instruct"))
+    assert not torch.equal(before["linear_2.weight"], after["linear_2.weight"])  # (the instruct stage trained it)
