@@ -59,6 +59,8 @@ def parse_args(argv):
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--llm-path", help="the base LLM folder, if not where the checkpoint recorded it")
     parser.add_argument("--vision-path", help="the vision tower folder, if not where the checkpoint recorded it")
+    parser.add_argument("--quantization", help="how the LLM's linear weights are held: nf4 (4-bit, needs bitsandbytes) or none "
+                        "(default: as the checkpoint was trained)")
     return parser.parse_args(argv)
 
 
@@ -111,7 +113,8 @@ def run_generation(args) -> tuple[dict, list[dict], Path]:
     from evaluation.runner import evaluate_samples  # torch: only once the inputs are known to be good
     from inference import load_checkpoint
 
-    loaded = load_checkpoint(checkpoint, device=args.device, llm_path=args.llm_path, vision_path=args.vision_path)
+    loaded = load_checkpoint(checkpoint, device=args.device, llm_path=args.llm_path, vision_path=args.vision_path,
+                             quantization=args.quantization)
     started = time.perf_counter()
     metrics, rows = evaluate_samples(loaded, samples, seed=args.seed, ptb=args.ptb, batch_size=args.batch_size,
                                      max_new_tokens=args.max_new_tokens)
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             if not java_available():
                 raise UsageError("--ptb needs `java` on PATH (e.g. apt-get install default-jre)")
         if args.predictions:
-            model_flags = [f for f in ("config", "checkpoint", "data", "limit", "device", "llm_path", "vision_path")
+            model_flags = [f for f in ("config", "checkpoint", "data", "limit", "device", "llm_path", "vision_path",
+                                               "quantization")
                            if getattr(args, f) is not None]
             if model_flags:
                 raise UsageError(f"--predictions scores a file without a model: --{model_flags[0].replace('_', '-')} "

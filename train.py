@@ -14,6 +14,9 @@ Exit status 2, with one line, for anything wrong found before training: a config
 model, data file or every image, an output_dir that is a file or holds another run, an incomplete checkpoint, a
 resume that asks for a learning rate (or another setting) that the checkpoint restores (training/checkpoints.py).
 
+With `model.quantization: nf4` (or `--quantization nf4`) the LLM's linear weights are held in 4-bit NF4 (QLoRA,
+llm/quantization.py; needs bitsandbytes): the rest trains as without it, and every bundle records it.
+
 With `data.feature_cache` set (or `--feature_cache DIR`; `--feature_cache ""` ignores the config's), batches
 carry the vision features precomputed by `process_image.py --cache-features` instead of pixels, and the tower
 never runs; the cache must have been computed with this model's tower, layer and preprocessing and hold every
@@ -37,6 +40,7 @@ from common.paths import is_within
 from dataprocess.features import FeatureCache, cache_identity, images_of_jsonl
 from dataset import DataCollator, NoUsableSampleError, SupervisedDataset
 from llm import load_tokenizer
+from llm.quantization import NONE, check_quantization, require_bitsandbytes
 from model import apply_lora, build_vlm, vlm_config_for
 from model.bundle import check_compatible
 from settings import ConfigError
@@ -56,6 +60,8 @@ from visual import load_image_preprocessor
 
 def check_inputs(setup: TrainSetup) -> None:
     """Everything that can be wrong with the inputs, found before any output is written."""
+    if check_quantization(setup.model.quantization) != NONE:
+        require_bitsandbytes()
     for label, path in (("model.llm_path", setup.model.llm_path), ("model.vision_path", setup.model.vision_path)):
         if not path or not Path(path).is_dir():
             raise FileNotFoundError(f"{label}: folder not found: {path}")
@@ -182,7 +188,8 @@ def build(setup: TrainSetup, resume: str | None, feature_cache):
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     tokenizer = load_tokenizer(setup.model.llm_path)
     model = build_vlm(setup.model.llm_path, setup.model.vision_path,
-                      vision_feature_layer=setup.model.vision_feature_layer, dtype=dtype, tokenizer=tokenizer)
+                      vision_feature_layer=setup.model.vision_feature_layer, dtype=dtype, tokenizer=tokenizer,
+                      quantization=setup.model.quantization)
     datasets = build_datasets(setup, tokenizer, model.vision_tower.num_patches, feature_cache)
     bundle_config = vlm_config_for(model, setup.model.llm_path, setup.model.vision_path, setup.model.system_prompt)
     start = setup.model.projector_path

@@ -13,8 +13,8 @@
 # address and a free port), or RDZV_ENDPOINT=host:port (torchrun's c10d rendezvous; RDZV_ID names the job) instead
 # of MASTER_ADDR; the demo's preparation and evaluation run on node 0 only. The hyper-parameters come from the
 # config (the seed recipe's are in configs/qwen7b_coco.yaml); LORA_R, LORA_ALPHA, LORA_DROPOUT, LR, PROJECTOR_LR,
-# EPOCHS, BATCH_SIZE, GRAD_ACCUM and SAVE_STEPS in the environment override them, and so does any train.py flag
-# after train.sh.
+# EPOCHS, BATCH_SIZE, GRAD_ACCUM, SAVE_STEPS and QUANTIZATION in the environment override them, and so does
+# any train.py flag after train.sh.
 #
 # Two stages: a config with an `align:` section trains the projector alone first (`train.py --stage align`,
 # into align.output_dir), then LoRA + projector from it (into training.output_dir). STAGE=align or
@@ -103,6 +103,7 @@ add() { if [ -n "${!1:-}" ]; then OVERRIDES+=("$2" "${!1}"); fi; }
 add LORA_R --lora_r; add LORA_ALPHA --lora_alpha; add LORA_DROPOUT --lora_dropout
 add LR --learning_rate; add PROJECTOR_LR --projector_learning_rate; add EPOCHS --num_train_epochs
 add BATCH_SIZE --per_device_train_batch_size; add GRAD_ACCUM --gradient_accumulation_steps; add SAVE_STEPS --save_steps
+add QUANTIZATION --quantization  # QUANTIZATION=nf4: QLoRA, the LLM's linear weights in 4-bit (pip install bitsandbytes)
 
 # DeepSpeed needs a launcher's environment (LOCAL_RANK, ...), also for one process.
 DEEPSPEED=no

@@ -343,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=port_number, default=7860)
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--share", action="store_true", help="also serve on a temporary public gradio.live link")
+    parser.add_argument("--quantization", help="how the LLM's linear weights are held: nf4 (4-bit, needs bitsandbytes) or none "
+                        "(default: as the checkpoint was trained)")
     args = parser.parse_args(argv)
 
     from safetensors import SafetensorError
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if not torch.cuda.is_available():
                 raise UsageError("--device cuda: no CUDA device is available")
-        answerer = load_checkpoint(checkpoint, device=args.device)
+        answerer = load_checkpoint(checkpoint, device=args.device, quantization=args.quantization)
     except UsageError as e:
         print(f"webui.py: error: {e}", file=sys.stderr)
         return 2

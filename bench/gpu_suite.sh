@@ -22,6 +22,10 @@ QWEN_CLIP="--llm qwen-7b --vision clip-vit-l14"
 run bench.train_step $QWEN_CLIP --batch-size 1 --seq-len 512 --gradient-checkpointing --steps 5 --warmup 2
 run bench.train_step $QWEN_CLIP --batch-size 8 --seq-len 512 --steps 8 --warmup 2
 run bench.train_step $QWEN_CLIP --batch-size 16 --seq-len 512 --gradient-checkpointing --steps 5 --warmup 2
+# QLoRA (README, QLoRA): 4-bit NF4 base weights, next to bf16 at the same batch with checkpointing.
+run bench.train_step $QWEN_CLIP --batch-size 8 --seq-len 512 --gradient-checkpointing --steps 5 --warmup 2
+run bench.train_step $QWEN_CLIP --batch-size 1 --seq-len 512 --gradient-checkpointing --quantization nf4 --steps 5 --warmup 2
+run bench.train_step $QWEN_CLIP --batch-size 8 --seq-len 512 --gradient-checkpointing --quantization nf4 --steps 5 --warmup 2
 run bench.generate $QWEN_CLIP --batch-sizes 1 8 32 --new-tokens 64 --repeats 2
 # Qwen2.5-7B-Instruct + SigLIP so400m: 985-token samples (10 prompt + 729 image + the same 246 text). Batch 4 without
 # checkpointing moves about the tokens of QWen's batch 8 x 512 (3,940 against 4,096) in a step; batch 8 needs

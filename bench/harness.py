@@ -26,6 +26,7 @@ import torch
 import transformers
 
 from llm import TextFamily, family_named
+from llm.quantization import NONE
 from llm.tiny import tiny_qwen2_config, write_qwen2_tokenizer_files
 from model import VisionLanguageModel
 from visual.towers import TOWERS
@@ -171,10 +172,12 @@ def _tower_class(name: str):
     raise ValueError(f"unknown vision tower family {name!r} (known: {', '.join(t.family for t in TOWERS)})")
 
 
-def build_random_vlm(llm: str, vision: str, device: torch.device, dtype: torch.dtype) -> VisionLanguageModel:
+def build_random_vlm(llm: str, vision: str, device: torch.device, dtype: torch.dtype,
+                     quantization: str = NONE) -> VisionLanguageModel:
     """A VisionLanguageModel of the named backbones (`LLMS`, `VISIONS`) with random weights, built directly on
     `device` in `dtype` (the projector fp32, as in training), `text_family` and `image_token` set as build_vlm
-    sets them."""
+    sets them. With `quantization` "nf4", the LLM is written to a temporary folder and loaded back the way a real
+    checkpoint loads in 4-bit (`TextFamily.load_model`), onto the current GPU (or the CPU)."""
     llm_spec, vision_spec = LLMS[llm], VISIONS[vision]
     family = family_named(llm_spec.family)
     tower_class = _tower_class(vision_spec.family)
@@ -196,6 +199,11 @@ def build_random_vlm(llm: str, vision: str, device: torch.device, dtype: torch.d
                 p.normal_(0.0, 0.02)
     model.vision_tower.to(device, dtype)
     model.projector.float()
+    if quantization != NONE:
+        with tempfile.TemporaryDirectory() as folder:
+            model.language_model.save_pretrained(folder, max_shard_size="2GB")  # safetensors, the published layout
+            model.language_model = None  # its full-precision weights are freed before the 4-bit ones load
+            model.language_model = model.text_family.load_model(folder, dtype=dtype, quantization=quantization)
     return model
 
 
@@ -221,9 +229,11 @@ def add_backbone_arguments(parser) -> None:
 
 
 def count_llm_params(model) -> int:
-    """Parameters of the causal LM, each once (tied embeddings once; no LoRA, tower or projector weight)."""
-    return sum(p.numel() for n, p in model.named_parameters() if "vision_tower" not in n and "projector" not in n
-               and "lora_" not in n)
+    """Parameters of the causal LM, each once (tied embeddings once; no LoRA, tower or projector weight; a 4-bit
+    weight counts the values it holds, not its packed bytes)."""
+    return sum(p.quant_state.shape.numel() if hasattr(p, "quant_state") else p.numel()
+               for n, p in model.named_parameters()
+               if "vision_tower" not in n and "projector" not in n and "lora_" not in n)
 
 
 PROMPT_TOKENS = 10  # text before the image in every synthetic sample

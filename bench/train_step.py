@@ -4,6 +4,7 @@
     python -m bench.train_step --llm qwen2.5-7b --vision siglip-so400m --batch-size 8
     python -m bench.train_step --llm qwen-7b --vision clip-vit-l14 --batch-size 1 --gradient-checkpointing
     python -m bench.train_step --llm tiny-qwen2.5 --vision tiny-siglip --device cpu
+    python -m bench.train_step --llm qwen-7b --vision clip-vit-l14 --batch-size 1 --gradient-checkpointing --quantization nf4
 
 The pair is built with random weights in its published architecture (bench/harness.py: LLMS, VISIONS; `--size
 7b|1.8b|tiny` is the older name of a QWen v1 + CLIP pair). Each step is what the Trainer does for one batch: the
@@ -39,6 +40,7 @@ from bench.harness import (
     synthetic_batch,
     versions,
 )
+from llm.quantization import NONE, QUANTIZATIONS
 from model import apply_lora
 
 TEXT_TOKENS = 246  # text after the image by default: 10 + 256 + 246 = 512 tokens a sample with CLIP ViT-L/14
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--answer-frac", type=float, default=0.5, help="supervised share of the text tokens")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=NONE,
+                        help="nf4: the LLM's linear weights in 4-bit (QLoRA; needs bitsandbytes)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model = build_random_vlm(llm, vision, device, dtype)
+    model = build_random_vlm(llm, vision, device, dtype, quantization=args.quantization)
     n_llm = count_llm_params(model)
     peft_model = apply_lora(model, r=args.lora_r, alpha=16, dropout=0.05, verbose=False)
     if args.gradient_checkpointing:
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {"llm": llm, "vision": vision, "batch_size": args.batch_size, "seq_len": seq_len,
                    "image_tokens": tower.num_patches, "answer_frac": args.answer_frac, "lora_r": args.lora_r,
                    "gradient_checkpointing": args.gradient_checkpointing, "dtype": str(dtype).replace("torch.", ""),
+                   "quantization": args.quantization,
                    "llm_params": n_llm, "trainable_params": sum(p.numel() for p in trainable)},
         "step_seconds": round(seconds, 4),
         "tokens_per_s": round(tokens_per_s, 1),

@@ -22,7 +22,7 @@ from .generation import Prompt, StopOnEvent, Turn, fit_history, generate_answers
 
 @dataclass
 class LoadedCheckpoint:
-    """The model (LoRA merged, eval mode, on `device`), its tokenizer and image preprocessor, and the bundle's
+    """The model (LoRA merged, unless its base is 4-bit; eval mode, on `device`), its tokenizer and image preprocessor, and the bundle's
     config (system prompt, image token count)."""
 
     model: torch.nn.Module
@@ -103,16 +103,19 @@ def load_checkpoint(
     device: str | torch.device | None = None,
     llm_path: str | None = None,
     vision_path: str | None = None,
+    quantization: str | None = None,
 ) -> LoadedCheckpoint:
     """Load a bundle or merged export (None: the newest under ./outputs) for inference: bf16 on a GPU that has
-    it, fp32 elsewhere. `llm_path` /
-    `vision_path` override the base folders the bundle recorded (another machine)."""
+    it, fp32 elsewhere. `llm_path` / `vision_path` override the base folders the bundle recorded (another
+    machine); `quantization` ("none" / "nf4") how the LLM's linear weights are held (default: the bundle's
+    `text.quantization`, so a QLoRA bundle answers with the 4-bit base it was trained on; see `load_vlm`)."""
     folder = find_checkpoint(folder)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     recorded_llm, recorded_vision = VLMConfig.load(folder).resolve(folder)
     tokenizer = load_tokenizer(llm_path or recorded_llm)
-    model, config = load_vlm(folder, dtype=dtype, llm_path=llm_path, vision_path=vision_path, tokenizer=tokenizer)
+    model, config = load_vlm(folder, dtype=dtype, llm_path=llm_path, vision_path=vision_path, tokenizer=tokenizer,
+                             quantization=quantization)
     model.to(device).eval()
     return LoadedCheckpoint(
         model=model,

@@ -1,7 +1,8 @@
 """llm: the language backbones. One file per family (`qwen1`: QWen v1 through the project's own code; `qwen2`:
 Qwen2 / Qwen2.5 / Qwen3 through transformers), each describing itself with a `TextFamily` (llm/base.py); the
 family of a folder is read from its config.json `model_type`. Also the Qwen2 / Qwen3 tokenizer
-(`qwen2_tokenizer`) and tiny random checkpoints in the published folder layouts (`tiny`).
+(`qwen2_tokenizer`), tiny random checkpoints in the published folder layouts (`tiny`), and 4-bit NF4 loading
+(QLoRA) that every family's `load_model` offers the same way (`quantization`).
 
 Adding a family: a new file with its `FAMILY`, one entry in `FAMILIES`, and its tests (tests/llm/).
 """

@@ -65,7 +65,9 @@ class TextFamily:
     lora_targets: tuple[str, ...]  # default LoRA targets, matched as suffixes of module names in the layers
     layers: str  # module path of the decoder layers inside the causal LM ("transformer.h", "model.layers")
     embedding_modules: tuple[str, ...]  # input embeddings and LM head: trained whole with lora.train_embeddings
-    load_model: Callable[..., torch.nn.Module]  # (folder, dtype) -> the causal LM, every tensor checked
+    # (folder, dtype, quantization="none" | "nf4") -> the causal LM, every tensor checked; nf4: 4-bit linear weights
+    # through llm.quantization.from_pretrained_kwargs, the one way every family quantises
+    load_model: Callable[..., torch.nn.Module]
     load_tokenizer: Callable[[str | os.PathLike], ChatTokenizer]
     # (merged causal LM, its base folder) -> the same model as transformers' own causal LM
     to_transformers: Callable[[torch.nn.Module, Path], TransformersText]

@@ -18,14 +18,18 @@ from pathlib import Path
 import torch
 
 from .base import TextFamily, TransformersText
+from .quantization import check_quantized_layers, from_pretrained_kwargs
 
 
-def load_model(folder: str | os.PathLike, dtype: torch.dtype | None = None):
+def load_model(folder: str | os.PathLike, dtype: torch.dtype | None = None, quantization: str = "none"):
     """QWenLMHeadModel of an official folder, strictly (every tensor present with its shape). Without `dtype`, the
-    config's bf16/fp16 flags choose it (fp32 otherwise), as the official code does."""
+    config's bf16/fp16 flags choose it (fp32 otherwise), as the official code does. `quantization="nf4"`: the
+    decoder layers' linear weights in 4-bit NF4 (llm/quantization.py)."""
     from qwen import QWenLMHeadModel
 
-    return QWenLMHeadModel.from_pretrained(folder, **({"dtype": dtype} if dtype is not None else {}))
+    model = QWenLMHeadModel.from_pretrained(folder, **({"dtype": dtype} if dtype is not None else {}),
+                                            **from_pretrained_kwargs(quantization, dtype))
+    return check_quantized_layers(model)
 
 
 def load_tokenizer(folder: str | os.PathLike):

@@ -12,15 +12,17 @@ from pathlib import Path
 import torch
 
 from .base import TextFamily, TransformersText
+from .quantization import check_quantized_layers, from_pretrained_kwargs
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def load_model(folder: str | os.PathLike, dtype: torch.dtype | None = None):
+def load_model(folder: str | os.PathLike, dtype: torch.dtype | None = None, quantization: str = "none"):
     """The causal LM of a published folder, strictly: a tensor the model lacks, a tensor missing from the files
     or of another shape is a ValueError naming it. fp32 unless `dtype` says otherwise (transformers would take the
-    checkpoint's dtype). Never downloads, never runs remote code, never unpickles."""
+    checkpoint's dtype). `quantization="nf4"`: the decoder layers' linear weights in 4-bit NF4
+    (llm/quantization.py). Never downloads, never runs remote code, never unpickles."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -30,19 +32,20 @@ def load_model(folder: str | os.PathLike, dtype: torch.dtype | None = None):
             raise FileNotFoundError(f"{folder} has only pickled weights ({pickles[0]}), which this project never "
                                     "unpickles: convert them to safetensors once")
         raise FileNotFoundError(f"{folder} has no weights (model.safetensors or model.safetensors.index.json)")
+    extra = from_pretrained_kwargs(quantization, dtype)  # (a missing bitsandbytes is said before anything loads)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the loading report is ours (below), not transformers' warnings
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             folder, config=config, dtype=dtype or torch.float32, local_files_only=True, use_safetensors=True,
-            output_loading_info=True)
+            output_loading_info=True, **extra)
     finally:
         hf_logging.set_verbosity(verbosity)
     problems = [f"{kind.replace('_', ' ')}: {sorted(map(str, names))}" for kind, names in info.items() if names]
     if problems:
         raise ValueError(f"cannot load {folder}: " + "; ".join(problems))
-    return model
+    return check_quantized_layers(model)
 
 
 def load_tokenizer(folder: str | os.PathLike):

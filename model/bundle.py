@@ -7,9 +7,9 @@ A bundle is one self-describing folder:
     adapter_config.json        the LoRA adapter of the language model, in PEFT's own format:
     adapter_model.safetensors  `peft.PeftModel.from_pretrained(llm, folder)` works on the plain base LLM
 
-`load_vlm(folder)` rebuilds exactly the trained model. A merged export (`python -m model.export`) has the
-same `vlm_config.json` and projector, and the LLM's weights with the LoRA folded in instead of an adapter; it
-loads without peft. Everything that knows the bundle's files is here: saving, loading for inference,
+`load_vlm(folder)` rebuilds exactly the trained model (a QLoRA bundle's base in 4-bit again, its adapter kept
+beside the 4-bit weights). A merged export (`python -m model.export`) has the same `vlm_config.json` and
+projector, and the LLM's weights with the LoRA folded in instead of an adapter; it loads without peft. Everything that knows the bundle's files is here: saving, loading for inference,
 restoring the trainable weights when training resumes, and refusing a bundle of another model.
 """
 
@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from common.fileio import staged_files
 from common.safetensors_file import save_safetensors
+from llm.quantization import NONE, check_quantization
 
 from .build import build_vlm
 from .config import BUNDLE_CONFIG_FILE, VLMConfig, differences
@@ -110,21 +111,28 @@ def load_vlm(
     llm_path: str | None = None,
     vision_path: str | None = None,
     tokenizer=None,
+    quantization: str | None = None,
 ) -> tuple[VisionLanguageModel, VLMConfig]:
     """Rebuild the trained model of a bundle (or a merged export). Returns (model, VLMConfig).
 
     `merge_lora=True` folds the adapter into the language model's weights (fastest for inference);
     `merge_lora=False` keeps it a peft model (`is_trainable=True` to continue training). `llm_path` /
     `vision_path` override the base folders recorded in the bundle (e.g. on another machine); the backbones
-    found there must be of the recorded families and shapes.
+    found there must be of the recorded families and shapes. `quantization` ("none" / "nf4") overrides the
+    bundle's `text.quantization`: by default a QLoRA bundle's base loads in 4-bit again, and its adapter stays
+    beside the 4-bit weights whatever `merge_lora` says (folding it in would round it to 4 bits: another model
+    than the trained one); "none" loads the original weights and merges as asked (what model.export does).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {folder}")
     config = VLMConfig.load(folder)
+    quantization = config.text.quantization if quantization is None else check_quantization(quantization,
+                                                                                            "quantization")
     recorded_llm, recorded_vision = config.resolve(folder)
     model = build_vlm(llm_path or recorded_llm, vision_path or recorded_vision,
-                      vision_feature_layer=config.vision.feature_layer, dtype=dtype, tokenizer=tokenizer)
+                      vision_feature_layer=config.vision.feature_layer, dtype=dtype, tokenizer=tokenizer,
+                      quantization=quantization)
     found = {"text.family": model.text_family.name, "text.hidden_size": model.config.hidden_size,
              "vision.family": model.vision_tower.family, "vision.hidden_size": model.vision_tower.hidden_size,
              "vision.num_image_tokens": model.vision_tower.num_patches, "image_token_id": model.image_token_id}
@@ -141,7 +149,7 @@ def load_vlm(
             model.language_model = PeftModel.from_pretrained(model.language_model, str(folder),
                                                              is_trainable=is_trainable)
         model.projector.requires_grad_(is_trainable)
-        if merge_lora:
+        if merge_lora and quantization == NONE:
             model.merge_adapter()
     return model, config
 

@@ -4,13 +4,16 @@ token, and the system prompt it was trained with. `model.load_vlm(folder)` rebui
 from it.
 
     {"format": "vlm-bundle/2",
-     "text":   {"family": "qwen2", "path": "/models/Qwen2.5-7B-Instruct", "hidden_size": 3584},
+     "text":   {"family": "qwen2", "path": "/models/Qwen2.5-7B-Instruct", "hidden_size": 3584, "quantization": "none"},
      "vision": {"family": "siglip", "path": "/models/siglip-so400m-patch14-384", "feature_layer": -2,
                 "hidden_size": 1152, "num_image_tokens": 729},
      "projector": "mlp2x_gelu", "image_token": "<|image_pad|>", "image_token_id": 151655,
      "system_prompt": "You are a helpful assistant.", "merged": false, "adapter": true}
 
-Paths are absolute, or relative to the bundle folder ("." for a merged export). Bundles of the first format
+Paths are absolute, or relative to the bundle folder ("." for a merged export). `text.quantization` is how the
+LLM's linear weights were held in training ("none", or "nf4": 4-bit QLoRA, llm/quantization.py); loading the
+bundle holds them so again unless told otherwise (absent in older bundles: "none"). A merged export has "none":
+its weights are the original ones with the LoRA folded in. Bundles of the first format
 (`qwen-vl-bundle/1`: flat keys, always QWen v1 + CLIP) are read as what they are.
 """
 
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common.fileio import write_json
+from llm.quantization import NONE, QUANTIZATIONS
 from qwen.chat_format import DEFAULT_SYSTEM
 from qwen.tokenization_qwen import IMAGE_TAG, IMAGE_TOKEN_ID
 from settings import ConfigError, build
@@ -38,6 +42,7 @@ class TextBackbone:
     family: str  # llm.TextFamily.name: "qwen" (QWen v1), "qwen2" (Qwen2 / Qwen2.5 / Qwen3)
     path: str
     hidden_size: int
+    quantization: str = NONE  # the LLM's linear weights in training: llm.quantization.QUANTIZATIONS
 
 
 @dataclass
@@ -81,6 +86,9 @@ class VLMConfig:
         if config.format != BUNDLE_FORMAT:
             raise ConfigError(f"{path}: unsupported bundle format {config.format!r} (this version reads "
                               f"{BUNDLE_FORMAT!r} and {FIRST_FORMAT!r}; a newer version of the project wrote it?)")
+        if config.text.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"{path}: text.quantization {config.text.quantization!r} is not one of: "
+                              f"{', '.join(QUANTIZATIONS)}")
         if config.projector != PROJECTOR_TYPE:
             raise ConfigError(f"{path}: projector {config.projector!r} is not supported (only {PROJECTOR_TYPE!r})")
         return config
@@ -93,7 +101,7 @@ class VLMConfig:
     def identity(self) -> dict[str, Any]:
         """What must agree for a bundle's trainable weights to fit a model (resuming, the best checkpoint)."""
         return {"text.family": self.text.family, "text.path": self.text.path, "text.hidden_size": self.text.hidden_size,
-                **self.projector_input(), "vision.path": self.vision.path}
+                "text.quantization": self.text.quantization, **self.projector_input(), "vision.path": self.vision.path}
 
     def projector_input(self) -> dict[str, Any]:
         """What a projector's weights mean: its input (which tower, which layer, how many rows) and its output (the

@@ -38,6 +38,7 @@ from safetensors import safe_open
 
 from common.owned_folder import FolderBusyError, owned_folder
 from common.paths import is_within
+from llm.quantization import NONE
 from qwen.checkpoint import INDEX_FILE, SINGLE_FILE, save_sharded_safetensors
 
 from .bundle import PROJECTOR_FILE, load_vlm
@@ -105,8 +106,9 @@ def _base_folders(checkpoint: Path, output: Path) -> tuple[Path, Path]:
 
 def _load_merged(checkpoint: Path):
     """The model of `checkpoint` with its LoRA folded in, and its bundle config. Merged in fp32, whatever the base
-    dtype, so the fold-in adds no rounding of its own."""
-    return load_vlm(checkpoint, dtype=torch.float32, merge_lora=True)
+    dtype, so the fold-in adds no rounding of its own, into the original base weights read from the base folder
+    even when the bundle was trained on 4-bit ones (QLoRA), never into their dequantised 4-bit values."""
+    return load_vlm(checkpoint, dtype=torch.float32, merge_lora=True, quantization=NONE)
 
 
 def _say(message: str) -> None:
@@ -150,7 +152,7 @@ def export_merged(
             for shard in sorted(vision_path.glob("model-*-of-*.safetensors")):
                 shutil.copy2(shard, staging / "vision" / shard.name)
         merged = dataclasses.replace(
-            config, text=dataclasses.replace(config.text, path="."),
+            config, text=dataclasses.replace(config.text, path=".", quantization=NONE),
             vision=dataclasses.replace(config.vision, path="vision" if copy_vision else str(vision_path)),
             merged=True, adapter=False,
         )

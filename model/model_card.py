@@ -58,6 +58,11 @@ def _training_lines(checkpoint: Path, bundle, text, vision_label: str) -> list[s
                      f"targets: {targets}{renamed}.")
         if adapter.get("modules_to_save"):
             lines.append(f"- Trained in full: {', '.join(adapter['modules_to_save'])}.")
+        if bundle.text.quantization != "none":
+            lines.append(f"- Trained as QLoRA: the LLM's linear weights were held in 4-bit "
+                         f"{bundle.text.quantization.upper()} during training; the LoRA is merged into the original "
+                         "weights, so these are full precision and compute slightly otherwise than the 4-bit model "
+                         "that was trained.")
     elif bundle.merged:
         lines.append("- The checkpoint was already a merged export: its LLM weights are taken as they are.")
     else:

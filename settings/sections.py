@@ -32,6 +32,9 @@ class ModelConfig:
     # folder whose projector.safetensors starts the instruct stage (an align run's output, or any bundle or
     # checkpoint of the same shapes); default: the align section's output_dir when the config has one
     projector_path: str | None = None
+    quantization: str = field(default="none", metadata={
+        "help": "none, or nf4: the LLM's linear weights in 4-bit NF4 (QLoRA; needs bitsandbytes): embeddings, "
+                "norms, LM head, projector and LoRA stay unquantised; recorded in every bundle (llm/quantization.py)"})
 
 
 @dataclass

@@ -72,3 +72,33 @@ def test_safetensors_files_are_written_by_one_writer():
     found = [f"{f.relative_to(ROOT)}:{line}" for f in files if f != ROOT / "common" / "safetensors_file.py"
              for line in direct_safetensors_writes(f.read_text(encoding="utf-8"))]
     assert not found, f"safetensors written directly (use common.safetensors_file.save_safetensors): {found}"
+
+
+def imported_modules(source: str) -> set[str]:
+    """Top-level names of the modules a source imports, `import x.y`, `from x import y` and
+    `importlib.import_module("x")` alike."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            found.add(node.args[0].value.split(".")[0])
+    return found
+
+
+def test_the_import_rule_sees_every_form():
+    assert imported_modules("import a.b\nfrom c.d import e\nimportlib.import_module('f.g')\nfrom . import h\n") == {
+        "a", "c", "f"}
+
+
+def test_bitsandbytes_is_imported_by_llm_quantization_only():
+    """bitsandbytes is optional (requirements-dev.txt, not requirements.txt): the project imports it in one module,
+    which says what to install where it is missing (transformers and peft import it for the 4-bit layers)."""
+    packages = [p.parent for p in sorted(ROOT.glob("*/__init__.py")) if p.parent != TESTS]
+    files = [*sorted(ROOT.glob("*.py")), *(f for package in packages for f in sorted(package.rglob("*.py")))]
+    importers = {f.relative_to(ROOT).as_posix() for f in files
+                 if "bitsandbytes" in imported_modules(f.read_text(encoding="utf-8"))}
+    assert importers == {"llm/quantization.py"}
