@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from .checkpoint import CHECKPOINT_PREFIX, IGNORED_VISION_KEYS, CheckpointError
-from .frozen_tower import FrozenVisionTower, resolve_feature_layer
+from .checkpoint import CheckpointError
+from .frozen_tower import FrozenVisionTower
 from .images import PREPROCESSOR_CONFIG, ImagePreprocessor
 
 
@@ -38,15 +38,6 @@ class CLIPVisionTower(FrozenVisionTower):
     config_class = CLIPVisionConfig
     model_class = CLIPVisionModel
     feature_select_strategy = "default"
-
-    def __init__(self, config: CLIPVisionConfig, feature_layer: int = -2, select_feature: str = "patch"):
-        """Build the tower with uninitialised weights; use `from_pretrained` to get a usable one."""
-        if select_feature != "patch":
-            raise ValueError(
-                f"select_feature {select_feature!r} is not supported (only 'patch': CLS dropped)"
-            )
-        super().__init__(config, feature_layer=feature_layer)
-        self.select_feature = select_feature
 
     @classmethod
     def num_image_tokens(cls, config: CLIPVisionConfig) -> int:
@@ -85,22 +76,3 @@ class CLIPVisionTower(FrozenVisionTower):
             hidden = layer(hidden, None)  # no attention mask: every patch sees every patch
         return hidden[:, 1:]  # drop CLS: [N, num_patches, hidden]
 
-
-# The module-level names callers used before the towers shared `FrozenVisionTower`; new code reaches either
-# family through `visual.towers` (load_vision_tower, inspect_vision_checkpoint, vision_config, num_image_tokens).
-num_image_tokens = CLIPVisionTower.num_image_tokens
-vision_config = CLIPVisionTower.vision_config
-check_preprocessor_fits = CLIPVisionTower.check_preprocessor_fits
-inspect_checkpoint = CLIPVisionTower.inspect_checkpoint
-
-__all__ = [
-    "CHECKPOINT_PREFIX",
-    "IGNORED_VISION_KEYS",
-    "CLIPVisionTower",
-    "CheckpointError",
-    "check_preprocessor_fits",
-    "inspect_checkpoint",
-    "num_image_tokens",
-    "resolve_feature_layer",
-    "vision_config",
-]

@@ -166,15 +166,14 @@ class FrozenVisionTower(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, checkpoint_dir: str | os.PathLike, feature_layer: int = -2, dtype: torch.dtype | None = None, **options
+        cls, checkpoint_dir: str | os.PathLike, feature_layer: int = -2, dtype: torch.dtype | None = None
     ) -> FrozenVisionTower:
         """Load the vision half of a local checkpoint folder of this family (checked by `inspect_checkpoint`).
 
-        `dtype` defaults to float32 whatever the file stores; pass torch.bfloat16 for GPU training. `options` go
-        to the family's constructor.
+        `dtype` defaults to float32 whatever the file stores; pass torch.bfloat16 for GPU training.
         """
         config, files, found = cls.inspect_checkpoint(checkpoint_dir)
-        tower = cls(config, feature_layer=feature_layer, **options)
+        tower = cls(config, feature_layer=feature_layer)
         if dtype is not None:
             tower.to(dtype)
         own = set(tower.state_dict())

@@ -364,11 +364,6 @@ class ImagePreprocessor:
             )
         return torch.from_numpy(np.stack(arrays))
 
-    def preprocess_path(self, path: str | os.PathLike) -> torch.Tensor:
-        """Image file -> float32 tensor [3, H, W] (EXIF orientation applied; ImageLoadError on a bad file)."""
-        return torch.from_numpy(self.preprocess_image(load_image(path)))
-
-
 
 def _center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
     """[H, W, C] -> [crop_height, crop_width, C]; an image smaller than the crop is zero padded around it."""

@@ -10,7 +10,8 @@ import shutil
 import pytest
 
 from model import build_vlm
-from visual.clip_tower import CheckpointError, CLIPVisionTower
+from visual.checkpoint import CheckpointError
+from visual.clip_tower import CLIPVisionTower
 
 
 @pytest.mark.parametrize("change,message", [

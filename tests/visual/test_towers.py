@@ -105,20 +105,6 @@ def test_token_count_rules_per_family():
         num_image_tokens(CLIPTextConfig())
 
 
-def test_registry_and_public_names():
+def test_registry():
     assert supported_model_types() == ["clip", "clip_vision_model", "siglip", "siglip_vision_model"]
     assert [tower.family for tower in TOWERS] == ["clip", "siglip"]
-    # the names other packages import before they move to the generic ones
-    from visual.clip_tower import (  # noqa: F401
-        CHECKPOINT_PREFIX,
-        IGNORED_VISION_KEYS,
-        inspect_checkpoint,
-        resolve_feature_layer,
-    )
-    from visual.clip_tower import CheckpointError as ClipCheckpointError
-    from visual.clip_tower import num_image_tokens as clip_num_image_tokens
-    from visual.clip_tower import vision_config as clip_vision_config
-
-    assert ClipCheckpointError is CheckpointError and CHECKPOINT_PREFIX == "vision_model."
-    assert clip_num_image_tokens(CLIPVisionConfig(image_size=224, patch_size=14)) == 256
-    assert callable(clip_vision_config) and callable(inspect_checkpoint)

@@ -1,5 +1,5 @@
 """visual: tower parity with transformers' CLIPVisionModel, freezing, loud loading, the tiny checkpoint
-format, preprocessing parity with CLIPImageProcessorPil, image modes and EXIF through preprocess_path."""
+format, preprocessing parity with CLIPImageProcessorPil, image modes and EXIF through load_image and the preprocessor."""
 
 from __future__ import annotations
 
@@ -104,8 +104,6 @@ def test_tower_runs_only_the_layers_it_needs(ckpt):
     for bad in (LAYERS + 1, -(LAYERS + 2)):
         with pytest.raises(ValueError, match="feature_layer"):
             CLIPVisionTower.from_pretrained(ckpt, feature_layer=bad)
-    with pytest.raises(ValueError, match="select_feature"):
-        CLIPVisionTower.from_pretrained(ckpt, select_feature="cls_patch")
 
 
 def test_tower_is_frozen_and_stays_in_eval(ckpt, pixels):
@@ -442,7 +440,12 @@ def _save(image, path, **kwargs):
     return path
 
 
-def test_preprocess_path_any_mode(tmp_path):
+def _preprocess_file(pre, path):
+    """An image file as the pipeline reads it: loaded (EXIF applied, RGB), then preprocessed -> [3, H, W]."""
+    return pre(load_image(path))[0]
+
+
+def test_preprocess_file_any_mode(tmp_path):
     pre = ImagePreprocessor(size=16, crop_size=16)
     palette = Image.new("P", (20, 30), 0)
     palette.putpalette([10, 200, 60] + [0] * 765)
@@ -456,17 +459,17 @@ def test_preprocess_path_any_mode(tmp_path):
         "sixteen.png": (Image.new("I;16", (20, 30), 257 * 120), (120, 120, 120)),
     }
     for name, (image, rgb) in cases.items():
-        got = pre.preprocess_path(_save(image, tmp_path / name))
+        got = _preprocess_file(pre, _save(image, tmp_path / name))
         assert got.shape == (3, 16, 16) and got.dtype == torch.float32, name
         assert torch.allclose(got.double(), uniform_expected(rgb, 16), atol=1e-6, rtol=0), name
 
     (tmp_path / "not_an_image.png").write_bytes(b"hello")
     with pytest.raises(ImageLoadError) as err:
-        pre.preprocess_path(tmp_path / "not_an_image.png")
+        _preprocess_file(pre, tmp_path / "not_an_image.png")
     assert err.value.reason == "not an image"
 
 
-def test_preprocess_path_applies_exif_rotation(tmp_path):
+def test_preprocess_file_applies_exif_rotation(tmp_path):
     # 48 wide x 24 high: left half red, right half blue; EXIF 6 = "rotate 90 degrees clockwise to view"
     array = np.zeros((24, 48, 3), dtype=np.uint8)
     array[:, :24] = (255, 0, 0)
@@ -476,7 +479,7 @@ def test_preprocess_path_applies_exif_rotation(tmp_path):
     path = _save(Image.fromarray(array), tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
 
     pre = ImagePreprocessor(size=24, crop_size=24)
-    got = pre.preprocess_path(path)
+    got = _preprocess_file(pre, path)
     with Image.open(path) as stored:  # the stored (sideways) pixels, rotated by hand
         upright = stored.convert("RGB").transpose(Image.Transpose.ROTATE_270)
         sideways = stored.convert("RGB")
