@@ -15,23 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from qwen.tokenization_qwen import ENDOFTEXT, IM_END, IM_START, QWenTokenizer
+from qwen.tokenization_qwen import IM_END, IM_START, QWenTokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # Qwen-7B-Chat's default system prompt
 DEFAULT_MAX_WINDOW_SIZE = 6144  # Qwen-7B-Chat's generation_config.json
-STOP_WORDS = (IM_END, IM_START, ENDOFTEXT)
-CHAT_FORMATS = ("chatml", "raw")
 
 History = Sequence[tuple[str, str]]
-
-
-def get_stop_words_ids(chat_format: str, tokenizer: QWenTokenizer) -> list[list[int]]:
-    """The official stop sequences: ChatML stops on `<|im_end|>` or `<|im_start|>`; raw on "Human:" or eod."""
-    if chat_format == "chatml":
-        return [[tokenizer.im_end_id], [tokenizer.im_start_id]]
-    if chat_format == "raw":
-        return [tokenizer.encode("Human:"), [tokenizer.eod_id]]
-    raise ValueError(f"unknown chat format {chat_format!r}; expected one of {CHAT_FORMATS}")
 
 
 def _message(tokenizer: QWenTokenizer, role: str, content: str) -> tuple[str, list[int]]:
@@ -59,12 +48,10 @@ def make_context(
     History turns are added from the newest back and kept while system + kept turns + the turn stay
     under max_window_size tokens (strictly less); the first turn that does not fit drops itself and
     every older one. The system message and the query are always kept, whatever their length.
-    chat_format="raw" is the query alone, encoded with the defaults (special-token text allowed).
+    chat_format is in the official signature; only "chatml" (Qwen-7B-Chat's) is built, any other is a ValueError.
     """
-    if chat_format == "raw":
-        return query, tokenizer.encode(query)
     if chat_format != "chatml":
-        raise ValueError(f"unknown chat format {chat_format!r}; expected one of {CHAT_FORMATS}")
+        raise ValueError(f"unknown chat format {chat_format!r}; only 'chatml' is supported")
 
     nl = tokenizer.encode("\n")
     system_text, system_ids = _message(tokenizer, "system", system)

@@ -257,14 +257,6 @@ class QWenTokenizer:
     pad_token_id = eod_id
 
     @property
-    def all_special_tokens(self) -> list[str]:
-        return list(self.special_tokens)
-
-    @property
-    def all_special_ids(self) -> list[int]:
-        return list(self.special_tokens.values())
-
-    @property
     def vocab_size(self) -> int:
         """Number of tokens: ranks of the vocabulary file plus the 208 special tokens."""
         return len(self.mergeable_ranks) + len(self.special_tokens)
@@ -277,9 +269,6 @@ class QWenTokenizer:
         """Largest id + 1 (tiktoken's n_vocab): 151851 for any vocabulary, as the specials end at 151850.
         Equal to `vocab_size` for the real vocabulary; an embedding table needs at least this many rows."""
         return self.tokenizer.n_vocab
-
-    def get_vocab(self) -> dict[bytes, int]:
-        return dict(self.mergeable_ranks)
 
     # ---------------------------------------------------------------------------------------------
     # Encoding

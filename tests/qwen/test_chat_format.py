@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from inference.generation import decode_response
-from qwen.chat_format import DEFAULT_SYSTEM, STOP_WORDS, get_stop_words_ids, make_context
+from qwen.chat_format import DEFAULT_SYSTEM, make_context
 
 EOD, IM_START, IM_END = 151643, 151644, 151645
 NL = 198  # "\n" in the real vocabulary
@@ -102,10 +102,7 @@ def test_history_stops_at_first_turn_that_does_not_fit(tok_real):
     assert ids == make_context(tok_real, "q")[1]
 
 
-def test_raw_format_and_unknown_format(tok_real):
-    raw_text, ids = make_context(tok_real, "Hello<|endoftext|>", history=HISTORY, chat_format="raw")
-    assert raw_text == "Hello<|endoftext|>"
-    assert ids == tok_real.encode("Hello<|endoftext|>") and ids[-1] == EOD  # raw allows specials, as officially
+def test_unknown_format(tok_real):
     with pytest.raises(ValueError, match="chat format 'llama'"):
         make_context(tok_real, "hi", chat_format="llama")
 
@@ -120,13 +117,9 @@ def test_same_layout_with_tiny_vocab(tok_tiny):
 
 def test_stop_words(tok_real, tok_tiny):
     assert DEFAULT_SYSTEM == "You are a helpful assistant."
-    assert STOP_WORDS == ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
     assert tok_real.stop_token_ids == [IM_END, IM_START, EOD] == tok_tiny.stop_token_ids
-    assert [tok_real.encode(w) for w in STOP_WORDS] == [[i] for i in tok_real.stop_token_ids]
-    assert get_stop_words_ids("chatml", tok_real) == [[IM_END], [IM_START]]
-    assert get_stop_words_ids("raw", tok_real) == [tok_real.encode("Human:"), [EOD]]
-    with pytest.raises(ValueError, match="chat format"):
-        get_stop_words_ids("nope", tok_real)
+    stop_words = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+    assert [tok_real.encode(w) for w in stop_words] == [[i] for i in tok_real.stop_token_ids]
 
 
 def test_decode_response_stops_at_first_stop_id(tok_real):
