@@ -17,7 +17,7 @@
   label smoother would pop the labels and score unshifted full logits); the evaluation loss is the plain
   cross-entropy summed over every supervised token of the validation set (all ranks) divided by their count,
   not a mean of batch means, computed without a KV cache. Options that would weigh tokens otherwise are
-  refused (`unsupported_options`).
+  refused by `unsupported_options`, which train.py runs once, before anything is built or deleted.
 - `log`: training log lines carry `skipped_samples` once a sample has been skipped for an unreadable image:
   the count of every rank and DataLoader worker since the run started (evaluations: `eval_skipped_samples`).
 """
@@ -75,7 +75,8 @@ def build_param_groups(
 def unsupported_options(args) -> list[str]:
     """The TrainingArguments values this trainer refuses, each as one sentence that starts with the option's name:
     they would make the Trainer weigh or compute the loss otherwise than the model's token-weighted loss, or train
-    otherwise than asked (FSDP on CPU)."""
+    otherwise than asked (FSDP on CPU). Whoever builds a VLMTrainer checks them first (train.py does, before it
+    builds the model or clears output_dir); the trainer itself does not check again."""
     problems = []
     if not args.average_tokens_across_devices:
         problems.append("average_tokens_across_devices: false is not supported: the loss weighs every supervised "
@@ -101,8 +102,6 @@ def unsupported_options(args) -> list[str]:
 class VLMTrainer(Trainer):
     def __init__(self, *args, bundle_config: VLMConfig, projector_learning_rate: float, **kwargs):
         super().__init__(*args, **kwargs)
-        if problems := unsupported_options(self.args):
-            raise ValueError("; ".join(problems))
         self.bundle_config = bundle_config
         self.projector_learning_rate = projector_learning_rate
         # Label smoothing happens inside the model's loss (shifted, supervised positions, num_items_in_batch): the
