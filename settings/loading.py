@@ -3,12 +3,16 @@
 Loading is strict: an unknown or misspelt key is a `ConfigError` that names it and the file (and suggests
 the closest known key), a value of the wrong type too. Relative paths in the file are resolved against the
 file's folder, so a config can be run from anywhere.
+
+This module is the one validator of config values (`fits`, `check_value`): the typed sections here, and the
+`training` / `align` values that `settings.training` hands to argparse (`from_flags`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import os
 import types
 import typing
@@ -57,42 +61,97 @@ def check_keys(mapping: dict[str, Any], known: list[str], where: str) -> None:
             raise ConfigError(f"{where}: unknown key {key!r}{_suggest(str(key), known)}; known keys: {', '.join(known)}")
 
 
-def _convert(value: Any, annotation: Any, where: str) -> Any:
-    """Check (and lightly coerce) one value against a dataclass field's type annotation."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
+# What HfArgumentParser reads as a bool when argparse converts a string (settings.training's values).
+FLAG_BOOLS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")
+
+
+def describe(annotation: Any) -> str:
+    """How an error message names a field type: "an integer", "true or false", "a list of strings", ..."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], where)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return build(annotation, value, where)
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums:
+            return "one of: " + ", ".join(str(m.value) for m in enums[0])
+        return " or ".join(describe(a) for a in args if a is not type(None))
+    if origin is typing.Literal:
+        return "one of: " + ", ".join(map(repr, args))
     if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        return f"a list of {describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is dict or annotation is dict or dataclasses.is_dataclass(annotation):
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
+
+
+def fits(value: Any, annotation: Any, *, from_flags: bool = False) -> bool:
+    """Whether a value read from YAML can be used for a field of this type. A dataclass field takes a mapping (its
+    own keys are checked when it is built). With `from_flags` the value becomes an argparse default, which argparse
+    converts when it is a string: "1e-4" (YAML reads 1e-4, without a dot, as a string) is then a number and "true"
+    a bool; without it (the typed sections) only a number is a number and only true/false a bool."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums and isinstance(value, str):  # e.g. `SchedulerType | str`: the string must name a member
+            return any(value in {m.value for m in e} for e in enums)
+        return any(fits(value, a, from_flags=from_flags) for a in args)
+    if annotation is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(fits(v, args[0], from_flags=from_flags) for v in value) if args \
+            else isinstance(value, list)
+    if origin is dict or annotation is dict or dataclasses.is_dataclass(annotation):
+        return isinstance(value, dict)
     if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
+        return isinstance(value, bool) or (from_flags and isinstance(value, str) and value.lower() in FLAG_BOOLS)
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            return False
+        if isinstance(value, (int, float)) and (annotation is float or isinstance(value, int)):
+            return True
+        if not (from_flags and isinstance(value, str)):
+            return False
+        try:  # a string argparse converts
+            annotation(value)
+        except ValueError:
+            return False
+        return True
+    if annotation is str:
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return value in {m.value for m in annotation} or isinstance(value, annotation)
+    return True  # anything else (transformers' ParallelismConfig, ...) is left to its own class
+
+
+def check_value(value: Any, annotation: Any, where: str, *, from_flags: bool = False) -> None:
+    """Raise ConfigError "{where}: expected {type}, got {value}" unless `fits(value, annotation)`."""
+    if not fits(value, annotation, from_flags=from_flags):
+        raise ConfigError(f"{where}: expected {describe(annotation)}, got {value!r}")
+
+
+def _convert(value: Any, annotation: Any, where: str) -> Any:
+    """One section value, checked against its field's type (`check_value`) and typed: a dataclass built from its
+    mapping, a number as a float, a string field's number as a string. A list is checked element by element, so
+    that the message names the bad one (`data.sources[1]: ...`)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None or len(inner) > 1:
+            check_value(value, annotation, where)
+            return value
+        return _convert(value, inner[0], where)
+    if origin is list and args and isinstance(value, list):
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    check_value(value, annotation, where)
+    if dataclasses.is_dataclass(annotation):
+        return build(annotation, value, where)
+    if origin is dict or annotation is dict:
+        return dict(value)
     if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if annotation is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
     return value
 

@@ -19,10 +19,8 @@ This module imports transformers (seconds): only train.py and the demo's evaluat
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ from typing import Literal
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from .loading import Config, ConfigError, check_keys, load_config
+from .loading import Config, ConfigError, check_keys, check_value, load_config
 from .sections import DataConfig, LoraConfig, ModelConfig
 
 
@@ -74,69 +72,14 @@ class TrainSetup:
     config: Config
 
 
-_TRUTHY = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # what HfArgumentParser reads as a bool
-
-
-def _describe(annotation) -> str:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
-        if enums:
-            return "one of: " + ", ".join(str(m.value) for m in enums[0])
-        return " or ".join(_describe(a) for a in args if a is not type(None))
-    if origin is typing.Literal:
-        return "one of: " + ", ".join(map(repr, args))
-    if origin is list:
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
-    if origin is dict or annotation is dict:
-        return "a mapping"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
-
-
-def _fits(value, annotation) -> bool:
-    """Whether HfArgumentParser and TrainingArguments can use `value` (from YAML) for a field of this type."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is typing.Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
-        if enums and isinstance(value, str):  # e.g. `SchedulerType | str`: the string must name a member
-            return any(value in {m.value for m in e} for e in enums)
-        return any(_fits(value, a) for a in args)
-    if annotation is type(None):
-        return value is None
-    if origin is typing.Literal:
-        return value in args
-    if origin is list:
-        return isinstance(value, list) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, list)
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict)
-    if annotation is bool:
-        return isinstance(value, bool) or (isinstance(value, str) and value.lower() in _TRUTHY)
-    if annotation in (int, float):
-        if isinstance(value, bool):
-            return False
-        if isinstance(value, (int, float)) and (annotation is float or isinstance(value, int)):
-            return True
-        try:  # a string argparse converts: YAML reads 1e-4 (no dot) as a string
-            annotation(value)
-        except (TypeError, ValueError):
-            return False
-        return isinstance(value, str)
-    if annotation is str:
-        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return value in {m.value for m in annotation} or isinstance(value, annotation)
-    return True  # anything else (ParallelismConfig, ...) is left to TrainingArguments
-
-
 def check_training_types(training: dict, where: str) -> None:
     """Refuse a training value of the wrong type, naming the key and the file (instead of argparse's complaint
-    about a command-line flag the user never typed)."""
+    about a command-line flag the user never typed). The values become argparse defaults, which argparse converts
+    from strings (`from_flags`)."""
     hints = typing.get_type_hints(TrainArguments)
     for key, value in training.items():
-        if key in hints and not _fits(value, hints[key]):
-            raise ConfigError(f"{where}.{key}: expected {_describe(hints[key])}, got {value!r}")
+        if key in hints:
+            check_value(value, hints[key], f"{where}.{key}", from_flags=True)
 
 
 class _Parser(HfArgumentParser):
