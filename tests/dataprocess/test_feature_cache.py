@@ -23,6 +23,7 @@ from dataprocess.features import (
     build_feature_cache,
     images_of_jsonl,
 )
+from tests.projects import write_test_project
 from visual.clip_tower import CLIPVisionTower
 from visual.images import ImageLoadError
 
@@ -43,21 +44,12 @@ def cpu_fp32():
 @pytest.fixture(scope="module")
 def project(cpu_fp32, tmp_path_factory, tiny_llm_dir, tiny_clip_dir):
     """A small synthetic set processed by `process_image.py --cache-features` into data/features."""
-    from demo.synthetic import demo_data_section, write_demo_raw_data
-
     root = tmp_path_factory.mktemp("cached")
-    paths = write_demo_raw_data(root / "raw", n_train=10, n_aic=4, n_heldout=0, image_size=56, seed=2)
-    data = demo_data_section(paths, str(root / "data" / "train.jsonl"), val_size=1)
-    config = {
-        "model": {"llm_path": str(tiny_llm_dir), "vision_path": str(tiny_clip_dir)},
-        "data": {**data, "max_length": 256, "feature_cache": str(root / "data" / "features")},
-        "lora": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        "training": {"output_dir": str(root / "out"), "seed": 3, "max_steps": 1, "per_device_train_batch_size": 2,
-                     "learning_rate": 1e-3, "report_to": "none", "disable_tqdm": True, "save_strategy": "no"},
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
-    assert process_image.main(["--config", str(root / "config.yaml"), "--cache-features"]) == 0
-    return root
+    return write_test_project(
+        root, tiny_llm_dir, tiny_clip_dir, n_train=10, n_aic=4, n_heldout=0, seed=2, val_size=1, cache_features=True,
+        training={"output_dir": str(root / "out"), "seed": 3, "max_steps": 1, "per_device_train_batch_size": 2,
+                  "learning_rate": 1e-3, "report_to": "none", "disable_tqdm": True, "save_strategy": "no"},
+    )
 
 
 def build_model(llm_dir, clip_dir, seed=0):

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
+
+from tests.projects import write_test_project
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -82,27 +83,15 @@ def log_history(run: Path) -> list[tuple[int, float, float]]:
 @pytest.fixture(scope="package")
 def dist_project(tmp_path_factory, tiny_llm_dir, tiny_clip_dir, tiny_bundle_dir):
     """Tiny models, a processed synthetic data set and its config (the training settings above)."""
-    from demo.synthetic import demo_data_section, write_demo_raw_data
-
     root = tmp_path_factory.mktemp("dist_project")
-    paths = write_demo_raw_data(root / "raw", n_train=24, n_aic=8, n_heldout=2, image_size=56, seed=1)
-    config = {
-        "model": {"llm_path": str(tiny_llm_dir), "vision_path": str(tiny_clip_dir),
-                  "projector_path": str(tiny_bundle_dir)},
-        "data": {**demo_data_section(paths, str(root / "data" / "train.jsonl"), val_size=2), "max_length": 256},
-        "lora": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        "training": {
-            "output_dir": str(root / "out"), "seed": 3, "max_steps": 3, "save_steps": 2, "logging_steps": 1,
-            "learning_rate": 5.0e-3, "projector_learning_rate": 1.0e-2, "weight_decay": 0.1, "warmup_steps": 0,
-            "lr_scheduler_type": "linear", "train_sampling_strategy": "random", "report_to": "none",
-            "disable_tqdm": True, "eval_strategy": "no",
-        },
+    training = {
+        "output_dir": str(root / "out"), "seed": 3, "max_steps": 3, "save_steps": 2, "logging_steps": 1,
+        "learning_rate": 5.0e-3, "projector_learning_rate": 1.0e-2, "weight_decay": 0.1, "warmup_steps": 0,
+        "lr_scheduler_type": "linear", "train_sampling_strategy": "random", "report_to": "none",
+        "disable_tqdm": True, "eval_strategy": "no",
     }
-    (root / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
-    result = subprocess.run([sys.executable, "process_image.py", "--config", str(root / "config.yaml")], cwd=ROOT,
-                            env=ENV, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr
-    return root
+    return write_test_project(root, tiny_llm_dir, tiny_clip_dir, model={"projector_path": str(tiny_bundle_dir)},
+                              training=training)
 
 
 @pytest.fixture(scope="package")

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 import train
 from dataprocess import features
 from inference import Prompt, Turn, chat_prompt, load_checkpoint, query_with_images
+from tests.projects import write_test_project
 from tests.training.test_stages import FAST, SAVE_EACH_STEP, Recorder, projector_of
 from visual import load_image
 
@@ -40,24 +40,17 @@ def project(tmp_path_factory, tiny_qwen2_dir, tiny_siglip_dir):
     """A small synthetic set processed once by `process_image.py --cache-features` (SigLIP features), and a
     config with both stages on Qwen2.5 + SigLIP: align on the captions, instruct from the align run's projector.
     Also the digest of everything processing wrote, taken right after it."""
-    import process_image
-    from demo.synthetic import demo_data_section, write_demo_raw_data
-
     root = tmp_path_factory.mktemp("backbones")
-    paths = write_demo_raw_data(root / "raw", n_train=6, n_aic=6, n_heldout=2, image_size=56, seed=4)
-    config = {
-        "model": {"llm_path": str(tiny_qwen2_dir), "vision_path": str(tiny_siglip_dir), "projector_path": "out/align"},
-        "data": {**demo_data_section(paths, str(root / "data" / "train.jsonl"), val_size=2), "max_length": 256,
-                 "feature_cache": str(root / "data" / "features")},
-        "lora": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        "training": {"output_dir": "out/instruct", "seed": 3, "max_steps": 2, "per_device_train_batch_size": 4,
-                     "learning_rate": 5.0e-3, "projector_learning_rate": 1.0e-2, "warmup_steps": 0, "logging_steps": 1},
-        "align": {"output_dir": "out/align", "projector_learning_rate": 5.0e-2, "max_steps": 1, "sources": ["aic"]},
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.MonkeyPatch.context() as mp:  # the cache in fp32 on the CPU on every machine (compared below)
         mp.setattr(features, "default_device", lambda: (torch.device("cpu"), torch.float32))
-        assert process_image.main(["--config", str(root / "config.yaml"), "--cache-features"]) == 0
+        write_test_project(
+            root, tiny_qwen2_dir, tiny_siglip_dir, n_train=6, n_aic=6, seed=4, cache_features=True,
+            model={"projector_path": "out/align"},
+            training={"output_dir": "out/instruct", "seed": 3, "max_steps": 2, "per_device_train_batch_size": 4,
+                      "learning_rate": 5.0e-3, "projector_learning_rate": 1.0e-2, "warmup_steps": 0,
+                      "logging_steps": 1},
+            align={"output_dir": "out/align", "projector_learning_rate": 5.0e-2, "max_steps": 1, "sources": ["aic"]},
+        )
     manifest = json.loads((root / "data" / "features" / "manifest.json").read_text())
     assert manifest["vision_path"] == str(Path(tiny_siglip_dir).resolve()) and manifest["num_patches"] == 16
     return {"root": root, "config": root / "config.yaml", "processed": tree_digest(root / "data")}

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from tests.e2e.test_train_and_infer import ENV, ROOT, run
 from tests.e2e.test_train_sh_stages import run_train_sh
+from tests.projects import write_test_project
 
 STEPS = 8
 
@@ -25,27 +26,16 @@ STEPS = 8
 def project(tmp_path_factory, tiny_clip_dir):
     """A tiny QWen whose widths are multiples of 64 (bitsandbytes' CPU kernel needs them), a small processed data
     set, a config."""
-    from demo.synthetic import demo_data_section, write_demo_raw_data
     from qwen.tiny import write_tiny_qwen_checkpoint
 
     root = tmp_path_factory.mktemp("qlora")
     llm = write_tiny_qwen_checkpoint(root / "tiny-qwen", seed=3, bias_std=0.02, hidden_size=64, intermediate_size=256)
-    paths = write_demo_raw_data(root / "raw", n_train=24, n_aic=8, n_heldout=2, image_size=56, seed=1)
-    config = {
-        "model": {"llm_path": str(llm), "vision_path": str(tiny_clip_dir)},
-        "data": {**demo_data_section(paths, str(root / "data" / "train.jsonl"), val_size=2), "max_length": 256},
-        "lora": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        "training": {
-            "output_dir": str(root / "out"), "seed": 3, "max_steps": STEPS, "per_device_train_batch_size": 4,
-            "learning_rate": 5.0e-3, "projector_learning_rate": 1.0e-2, "save_steps": 4, "logging_steps": 1,
-            "report_to": "none", "train_sampling_strategy": "group_by_length", "warmup_steps": 0,
-            "lr_scheduler_type": "constant", "disable_tqdm": True, "eval_strategy": "no",
-        },
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
-    result = run("process_image.py", "--config", str(root / "config.yaml"))
-    assert result.returncode == 0, result.stderr
-    return root
+    return write_test_project(root, llm, tiny_clip_dir, training={
+        "output_dir": str(root / "out"), "seed": 3, "max_steps": STEPS, "per_device_train_batch_size": 4,
+        "learning_rate": 5.0e-3, "projector_learning_rate": 1.0e-2, "save_steps": 4, "logging_steps": 1,
+        "report_to": "none", "train_sampling_strategy": "group_by_length", "warmup_steps": 0,
+        "lr_scheduler_type": "constant", "disable_tqdm": True, "eval_strategy": "no",
+    })
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.projects import write_test_project
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -24,25 +26,13 @@ def run(*args, timeout=300, cwd=ROOT):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_llm_dir, tiny_clip_dir):
     """Tiny models, a small synthetic raw set processed by process_image.py, and a config using them."""
-    from demo.synthetic import demo_data_section, write_demo_raw_data
-
     root = tmp_path_factory.mktemp("project")
-    paths = write_demo_raw_data(root / "raw", n_train=24, n_aic=8, n_heldout=2, image_size=56, seed=1)
-    config = {
-        "model": {"llm_path": str(tiny_llm_dir), "vision_path": str(tiny_clip_dir)},
-        "data": {**demo_data_section(paths, str(root / "data" / "train.jsonl"), val_size=2), "max_length": 256},
-        "lora": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        "training": {
-            "output_dir": str(root / "out"), "seed": 3, "max_steps": 6, "per_device_train_batch_size": 4,
-            "learning_rate": 5.0e-3, "projector_learning_rate": 1.0e-2, "save_steps": 3, "logging_steps": 1,
-            "report_to": "none", "train_sampling_strategy": "group_by_length", "warmup_steps": 0,
-            "lr_scheduler_type": "linear", "disable_tqdm": True,
-        },
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
-    result = run("process_image.py", "--config", str(root / "config.yaml"))
-    assert result.returncode == 0, result.stderr
-    return root
+    return write_test_project(root, tiny_llm_dir, tiny_clip_dir, training={
+        "output_dir": str(root / "out"), "seed": 3, "max_steps": 6, "per_device_train_batch_size": 4,
+        "learning_rate": 5.0e-3, "projector_learning_rate": 1.0e-2, "save_steps": 3, "logging_steps": 1,
+        "report_to": "none", "train_sampling_strategy": "group_by_length", "warmup_steps": 0,
+        "lr_scheduler_type": "linear", "disable_tqdm": True,
+    })
 
 
 def adapter(folder: Path) -> dict:

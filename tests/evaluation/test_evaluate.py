@@ -15,6 +15,7 @@ import pytest
 from dataprocess.schema import IMAGE_MARKER as TAG
 from evaluation.samples import EvalSample
 from evaluation.text import java_available
+from tests.projects import write_test_config
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -388,17 +389,11 @@ def test_training_callback_logs_generation_metrics_beside_the_eval_loss(tmp_path
                                                                        data_file):
     """train.py with training.eval_generation_samples: CIDEr-D, BLEU-4 and accuracy of the first N validation
     samples are logged at the evaluation's step, and equal what evaluate.py measures on that step's checkpoint."""
-    import yaml
-
-    config = {
-        "model": {"llm_path": str(tiny_llm_dir), "vision_path": str(tiny_clip_dir)},
-        "lora": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        "training": {"output_dir": str(tmp_path / "out"), "seed": 3, "max_steps": 2, "per_device_train_batch_size": 2,
-                     "per_device_eval_batch_size": 2, "learning_rate": 5e-3, "save_steps": 2, "logging_steps": 1,
-                     "eval_strategy": "steps", "eval_steps": 2, "eval_generation_samples": 4,
-                     "report_to": "none", "disable_tqdm": True},
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    write_test_config(tmp_path, tiny_llm_dir, tiny_clip_dir, training={
+        "output_dir": str(tmp_path / "out"), "seed": 3, "max_steps": 2, "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 2, "learning_rate": 5e-3, "save_steps": 2, "logging_steps": 1,
+        "eval_strategy": "steps", "eval_steps": 2, "eval_generation_samples": 4, "report_to": "none",
+        "disable_tqdm": True})
     result = run("train.py", "--config", str(tmp_path / "config.yaml"), "--train_file", str(data_file),
                  "--eval_file", str(data_file), "--max_length", "256")
     assert result.returncode == 0, result.stderr[-3000:]

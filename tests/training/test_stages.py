@@ -17,6 +17,7 @@ import train
 from dataprocess.schema import read_samples
 from model import build_vlm, load_vlm
 from settings import ConfigError, load_config
+from tests.projects import write_test_project
 from training.stages import resolve_sources, sample_filter
 
 FAST = ["--report_to", "none", "--disable_tqdm", "true", "--eval_strategy", "no", "--save_strategy", "no"]
@@ -28,22 +29,12 @@ SAVE_EACH_STEP = ["--report_to", "none", "--disable_tqdm", "true", "--eval_strat
 def project(tmp_path_factory, tiny_llm_dir, tiny_clip_dir):
     """Tiny models, a small processed demo data set (LLaVA conversations + AI Challenger captions) and a config
     with both stages: align on the captions only, instruct on everything."""
-    import process_image
-    from demo.synthetic import demo_data_section, write_demo_raw_data
-
-    root = tmp_path_factory.mktemp("stages")
-    paths = write_demo_raw_data(root / "raw", n_train=12, n_aic=12, n_heldout=2, image_size=56, seed=1)
-    config = {
-        "model": {"llm_path": str(tiny_llm_dir), "vision_path": str(tiny_clip_dir)},
-        "data": {**demo_data_section(paths, str(root / "data" / "train.jsonl"), val_size=2), "max_length": 256},
-        "lora": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        "training": {"output_dir": "out/instruct", "seed": 3, "max_steps": 2, "per_device_train_batch_size": 4,
-                     "learning_rate": 5.0e-3, "projector_learning_rate": 1.0e-3, "warmup_steps": 0, "logging_steps": 1},
-        "align": {"output_dir": "out/align", "projector_learning_rate": 5.0e-2, "max_steps": 3, "sources": ["aic"]},
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    assert process_image.main(["--config", str(root / "config.yaml")]) == 0
-    return root
+    return write_test_project(
+        tmp_path_factory.mktemp("stages"), tiny_llm_dir, tiny_clip_dir, n_train=12, n_aic=12,
+        training={"output_dir": "out/instruct", "seed": 3, "max_steps": 2, "per_device_train_batch_size": 4,
+                  "learning_rate": 5.0e-3, "projector_learning_rate": 1.0e-3, "warmup_steps": 0, "logging_steps": 1},
+        align={"output_dir": "out/align", "projector_learning_rate": 5.0e-2, "max_steps": 3, "sources": ["aic"]},
+    )
 
 
 class Recorder:
