@@ -37,6 +37,19 @@ PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "modules_to_save")
+_MODULE_LISTS = ("target_modules", "modules_to_save")
+
+
+def adapter_identity(adapter_config: dict) -> dict:
+    """The ADAPTER_FIELDS of a PEFT adapter config as `check_compatible` compares them, keyed "LoRA <field>": the
+    module lists sorted (their order does not matter; none is an empty list)."""
+    identity = {}
+    for name in ADAPTER_FIELDS:
+        value = adapter_config.get(name)
+        if name in _MODULE_LISTS and not isinstance(value, str):  # (a str target_modules is a regular expression)
+            value = sorted(value or [])
+        identity[f"LoRA {name}"] = value
+    return identity
 
 
 def unwrap(model) -> VisionLanguageModel:
@@ -184,11 +197,6 @@ def check_compatible(folder: str | os.PathLike, current: VLMConfig, model) -> No
                                     "instruct stage: start it with model.projector_path instead)")
         saved_adapter = json.loads(config_file.read_text())
         now = vlm.language_model.peft_config["default"].to_dict()
-        for name in ADAPTER_FIELDS:
-            a, b = saved_adapter.get(name), now.get(name)
-            if isinstance(a, (list, set, tuple)) or isinstance(b, (list, set, tuple)):
-                a, b = sorted(a or []), sorted(b or [])
-            if a != b:
-                problems.append(f"LoRA {name}: checkpoint {a!r} vs now {b!r}")
+        problems += differences(adapter_identity(saved_adapter), adapter_identity(now))
     if problems:
         raise ValueError(f"{folder} was trained with different settings: " + "; ".join(problems))

@@ -100,3 +100,23 @@ def test_a_deepspeed_bundle_is_the_one_the_whole_model_writes(request, monkeypat
 def bundle_tensors(folder) -> dict[str, torch.Tensor]:
     """Every tensor of a bundle's files, as `file/name`."""
     return {f"{f.name}/{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_a_checkpoint_of_another_lora_shape_is_refused_naming_each_difference(tiny_llm_dir, tiny_clip_dir,
+                                                                             tiny_bundle_dir):
+    # the bundle: r 4, alpha 8 on QWen v1's default targets, no trained embeddings
+    from model.bundle import check_compatible
+
+    def lora_model(**options):
+        model = build_vlm(tiny_llm_dir, tiny_clip_dir)
+        return model, apply_lora(model, verbose=False, **{"r": 4, "alpha": 8, **options})
+
+    model, same = lora_model(target_modules=["w2", "w1", "c_proj", "c_attn"])  # (the order does not matter)
+    check_compatible(tiny_bundle_dir, vlm_config_for(model, tiny_llm_dir, tiny_clip_dir, "x"), same)
+    model, other = lora_model(r=8, target_modules=["c_attn"], train_embeddings=True)
+    with pytest.raises(ValueError) as e:
+        check_compatible(tiny_bundle_dir, vlm_config_for(model, tiny_llm_dir, tiny_clip_dir, "x"), other)
+    problems = str(e.value).split(": ", 1)[1].split("; ")
+    assert problems[0] == "LoRA r: checkpoint 4 vs now 8"
+    assert problems[1] == "LoRA target_modules: checkpoint ['c_attn', 'c_proj', 'w1', 'w2'] vs now ['c_attn']"
+    assert problems[2].startswith("LoRA modules_to_save: checkpoint [] vs now [") and len(problems) == 3
