@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from common.checkpointing import non_reentrant
 from common.loss import normalise_loss, supervised_token_losses
 
 
@@ -133,13 +134,7 @@ class VisionLanguageModel(nn.Module):
         """Activation checkpointing of the language model's layers, always non-reentrant, so that it is correct by
         construction: reentrant checkpointing needs an input that requires grad (with frozen embeddings a text-only
         batch would give a loss without a graph) and under DDP marks LoRA weights ready twice."""
-        kwargs = dict(activation_checkpointing_kwargs or {})
-        if kwargs.get("use_reentrant", False):
-            raise ValueError(
-                "activation checkpointing with use_reentrant=True is not supported (reentrant checkpointing loses the "
-                "graph of text-only batches with frozen embeddings and breaks DDP with LoRA): leave use_reentrant out"
-            )
-        kwargs["use_reentrant"] = False
+        kwargs = non_reentrant(activation_checkpointing_kwargs)  # (ValueError for use_reentrant=True)
         self.llm.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
 
     @property

@@ -35,6 +35,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
+from common.checkpointing import non_reentrant
 from common.loss import normalise_loss, supervised_token_losses
 
 from .checkpoint import checkpoint_shapes
@@ -263,13 +264,7 @@ class QWenPreTrainedModel(PreTrainedModel):
         reentrant checkpointing needs an input that requires grad (with frozen embeddings a text-only batch
         would give a loss without a graph unless a hook fixes it) and under DDP marks LoRA weights ready twice.
         `use_reentrant=True` is refused; torch's own default (reentrant) never applies."""
-        kwargs = dict(activation_checkpointing_kwargs or {})
-        if kwargs.get("use_reentrant", False):
-            raise ValueError(
-                "activation checkpointing with use_reentrant=True is not supported (reentrant checkpointing loses the "
-                "graph of text-only batches with frozen embeddings and breaks DDP with LoRA): leave use_reentrant out"
-            )
-        kwargs["use_reentrant"] = False
+        kwargs = non_reentrant(activation_checkpointing_kwargs)  # (ValueError for use_reentrant=True)
         super().activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -31,6 +31,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from common.checkpointing import non_reentrant
 from common.fileio import fsync_file
 from dataset.sampler import LengthGroupedSampler
 from model.bundle import check_compatible, load_trainable, save_bundle
@@ -92,10 +93,10 @@ def unsupported_options(args) -> list[str]:
     if args.fsdp and args.use_cpu:
         problems.append("fsdp: not on CPU: accelerate runs FSDP on GPUs only, and with use_cpu the Trainer would train "
                         "with plain DDP instead, silently (DeepSpeed ZeRO-2 and ZeRO-3 do run on CPU)")
-    if (args.activation_checkpointing_kwargs or {}).get("use_reentrant", False):
-        problems.append("use_reentrant: true (activation_checkpointing_kwargs) is not supported: reentrant "
-                        "checkpointing loses the graph of text-only batches and breaks DDP with LoRA; leave it out "
-                        "(checkpointing here is always non-reentrant)")
+    try:
+        non_reentrant(args.activation_checkpointing_kwargs)
+    except ValueError as e:
+        problems.append(f"use_reentrant: true (activation_checkpointing_kwargs): {e}")
     return problems
 
 
