@@ -3,7 +3,8 @@ may do with an output folder that is not empty.
 
 A checkpoint `<output_dir>/checkpoint-N` is written by several hands: our bundle (`model/bundle.py`), the
 Trainer's optimizer, scheduler and RNG states (one per rank) and its `trainer_state.json`. Once every rank has
-written its part, each file is flushed to disk (fsync) and `checkpoint_complete.json` is written last, whole
+written its part and every file is flushed to disk (fsync: the bundle by its writer, each rank's own files by that
+rank, the rest when the checkpoint is sealed), `checkpoint_complete.json` is written last, whole
 (temporary file, fsync, rename), listing every file and its size. A checkpoint is complete when that record is
 there and every file it lists has its size: a save cut short by a crash or SIGKILL has no record, and a file
 truncated afterwards no longer matches it. `--resume_from_checkpoint latest` takes the newest complete one and
@@ -24,6 +25,7 @@ file describes a model that no longer exists, and leaves anything else.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -70,13 +72,34 @@ def checkpoint_files(folder: Path) -> list[Path]:
         part.startswith(".") for part in p.relative_to(folder).parts) and p.name != COMPLETE_FILE)
 
 
+# Files whose writers flush them to disk, which sealing does not flush again: the bundle (model/bundle.py writes it
+# through common.fileio.staged_files, which fsyncs each file) and each rank's own files (`rank_files`).
+BUNDLE_FILES = (BUNDLE_CONFIG_FILE, PROJECTOR_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
+RANK_FILE_PATTERNS = ("rng_state_{rank}.pth", "global_step*/*zero_pp_rank_{rank}_*")
+
+
+def rank_files(folder: str | os.PathLike, rank: int) -> list[Path]:
+    """The files of a checkpoint that process `rank` wrote for itself, which it flushes before the checkpoint is
+    sealed: its RNG state (with several processes; one process writes rng_state.pth) and its DeepSpeed optimizer
+    shard."""
+    return [p for pattern in RANK_FILE_PATTERNS for p in Path(folder).glob(pattern.format(rank=rank))]
+
+
+def _flushed_by_writer(name: str) -> bool:
+    """Whether the checkpoint file `name` (relative, "/"-separated) is one that its writer flushed."""
+    return name in BUNDLE_FILES or any(fnmatch.fnmatchcase(name, p.format(rank="*")) for p in RANK_FILE_PATTERNS)
+
+
 def seal_checkpoint(folder: str | os.PathLike, global_step: int) -> Path:
-    """Flush every file of `folder` to disk, then write `checkpoint_complete.json` (whole) listing them."""
+    """Flush the files of `folder` that their writers did not (the Trainer's optimizer, scheduler and state, ...) to
+    disk, then write `checkpoint_complete.json` (whole) listing every file."""
     folder = Path(folder)
     files = {}
     for path in checkpoint_files(folder):
-        fsync_file(path)
-        files[path.relative_to(folder).as_posix()] = path.stat().st_size
+        name = path.relative_to(folder).as_posix()
+        if not _flushed_by_writer(name):
+            fsync_file(path)
+        files[name] = path.stat().st_size
     return write_json(folder / COMPLETE_FILE, {"global_step": int(global_step), "files": files})
 
 

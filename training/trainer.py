@@ -37,7 +37,7 @@ from dataset.sampler import LengthGroupedSampler
 from model.bundle import check_compatible, load_trainable, save_bundle
 from model.config import VLMConfig
 
-from .checkpoints import seal_checkpoint, unseal_checkpoint
+from .checkpoints import rank_files, seal_checkpoint, unseal_checkpoint
 from .distributed import full_trainable_weights
 
 
@@ -206,8 +206,7 @@ class VLMTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
-        rank = self.args.process_index
-        for own in [*folder.glob(f"rng_state_{rank}.pth"), *folder.glob(f"global_step*/*zero_pp_rank_{rank}_*")]:
+        for own in rank_files(folder, self.args.process_index):
             fsync_file(own)  # each rank flushes its own files (RNG state, DeepSpeed's optimizer shard)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:

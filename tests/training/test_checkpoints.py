@@ -85,3 +85,27 @@ def test_clearing_a_previous_run_keeps_what_it_did_not_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == kept == ["my-checkpoint-copy", "notes.txt"]
     assert set(deleted) == {".partial-abc", "all_results.json", "checkpoint-4", "checkpoint-8", "demo_eval.json",
                             "eval_results.json", "projector.safetensors", "runs", "vlm_config.json"}
+
+
+def test_sealing_flushes_what_no_writer_flushed_and_lists_everything(tmp_path, monkeypatch):
+    from training import checkpoints
+
+    folder = tmp_path / "checkpoint-3"
+    names = ["vlm_config.json", "projector.safetensors", "adapter_config.json", "adapter_model.safetensors",
+             "README.md", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth", "rng_state_0.pth",
+             "rng_state_1.pth", "global_step3/mp_rank_00_model_states.pt",
+             "global_step3/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "global_step3/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x" * len(name))
+    flushed = []
+    monkeypatch.setattr(checkpoints, "fsync_file", lambda path: flushed.append(path.relative_to(folder).as_posix()))
+    seal_checkpoint(folder, 3)
+    # the bundle (staged_files fsyncs it) and each rank's own files (that rank fsyncs them) are not flushed again
+    assert sorted(flushed) == ["README.md", "global_step3/mp_rank_00_model_states.pt", "optimizer.pt",
+                               "rng_state.pth", "scheduler.pt", "trainer_state.json"]
+    record = json.loads((folder / COMPLETE_FILE).read_text())
+    assert record["files"] == {name: len(name) for name in sorted(names)}
+    assert sorted(p.name for p in checkpoints.rank_files(folder, 1)) == [
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_state_1.pth"]
