@@ -3,8 +3,8 @@
     python -m bench.data                       # from the repository root, under a minute on 2 CPU cores
     python -m bench.data --images 256 --samples 512 --workers 1 2 4 --loader-workers 0 2 4
 
-(`python -m`, not `python bench/data.py`: the project is not an installed package, so the repository root
-must be the import root, and the code never edits sys.path.)
+(`python bench/data.py` works too, once `pip install -r requirements.txt` has installed the checkout in
+editable mode; the code never edits sys.path.)
 
 Figures, all on photo-like JPEGs of COCO size (default 640x480, quality 90) generated into a temporary folder:
 - `preprocess`: images/s decoding with `load_image` and `ImagePreprocessor` (224 px, as training) to a
