@@ -144,7 +144,7 @@ def _defaults(config: Config, stage: str = "instruct") -> dict:
     if stage == "align":
         if align is None:
             raise ConfigError(f"{config.path}: no 'align' section: the align stage takes its output_dir, learning "
-                              "rates and sources from it (see README, Two stages)")
+                              "rates and sources from it (docs/COMMANDS.md, 'Two stages')")
         training.update({k: v for k, v in align.items() if k != "sources"}, stage="align")
     defaults = {}
     if config.model is not None:
