@@ -26,6 +26,14 @@ cd "$(dirname "$0")"
 
 CONFIG=${CONFIG:-config.yaml}
 PYTHON=${PYTHON:-python}
+case "${1:-}" in
+  -h | --help)  # this header, then the flags train.py takes (every flag after train.sh goes to train.py)
+    echo "usage: [VARIABLE=value ...] bash train.sh [train.py flags]"
+    sed -n '2,23s/^# \{0,1\}//p' "$0"
+    echo
+    echo "train.py's flags (python train.py --help):"
+    exec "$PYTHON" train.py --help ;;
+esac
 if [ ! -f "$CONFIG" ]; then
   echo "train.sh: config not found: $CONFIG" >&2
   exit 2

@@ -27,9 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Not run with --help, and why (each is run as typed by its own tests).
-NOT_RUN = {
-    ("bash", "train.sh"): "passes every flag to train.py after preparing the demo's data (tests/e2e/test_train_*)",
-}
+NOT_RUN: dict[tuple[str, ...], str] = {}
 # Flags a command takes that its --help does not list, and why. settings.training.parse_train_args reads
 # `--config` itself before the HfArgumentParser that prints the help (a gap of the help text, not of the command).
 UNLISTED_FLAGS = {("python", "train.py"): {"--config"}, ("python", "-m", "demo.evaluate"): {"--config"}}
@@ -39,7 +37,7 @@ REFERENCE = ROOT / "docs" / "COMMANDS.md"
 # Commands the documents show that are not this project's: their options are documented by their own projects.
 NOT_OURS = {("python", "-m", "pytest"), ("python", "-m", "venv"), ("python", "-m", "torch.distributed.run")}
 # A command that takes another one's flags, documented in that one's section.
-FLAGS_OF = {("python", "-m", "demo.evaluate"): ("python", "train.py")}
+FLAGS_OF = {("python", "-m", "demo.evaluate"): ("python", "train.py"), ("bash", "train.sh"): ("python", "train.py")}
 
 _FENCE = re.compile(r"^ *```[^\n]*\n(.*?)^ *```", re.S | re.M)
 _INLINE = re.compile(r"`((?:python3?|bash) [^`]+)`")
@@ -141,7 +139,7 @@ def inherited_training_options() -> frozenset[str]:
 
 def our_programs() -> dict[tuple[str, ...], tuple[str, ...]]:
     """{command as the reference heads it: a documented form of it}, for this project's commands that have a
-    --help to read (train.sh has none: its flags are train.py's)."""
+    --help to read."""
     found = {}
     for name in sorted(PROGRAMS):
         if name not in NOT_OURS and name not in NOT_RUN:
