@@ -1,6 +1,7 @@
 """Measure a trained checkpoint: caption metrics (English and Chinese), short-answer accuracy, image reliance.
 
-    python evaluate.py                                   # newest checkpoint under ./outputs, the config's validation split
+    python evaluate.py                                   # newest checkpoint under ./outputs,
+                                                         # the config's validation split
     python evaluate.py --checkpoint DIR --data FILE.jsonl [--limit N] [--batch-size B] [--output DIR]
     python evaluate.py --predictions PRED.jsonl [--output DIR]      # score existing predictions, no model
 
@@ -59,8 +60,8 @@ def parse_args(argv):
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--llm-path", help="the base LLM folder, if not where the checkpoint recorded it")
     parser.add_argument("--vision-path", help="the vision tower folder, if not where the checkpoint recorded it")
-    parser.add_argument("--quantization", help="how the LLM's linear weights are held: nf4 (4-bit, needs bitsandbytes) or none "
-                        "(default: as the checkpoint was trained)")
+    parser.add_argument("--quantization", help="how the LLM's linear weights are held: nf4 (4-bit, needs bitsandbytes) "
+                        "or none (default: as the checkpoint was trained)")
     return parser.parse_args(argv)
 
 

@@ -138,8 +138,8 @@ def run_batch(args) -> int:
         if not todo:
             print(f"all {len(rows)} prompts already have a line in {args.output}: nothing to do")
             return 0
-        loaded = load_checkpoint(args.checkpoint, device=args.device, llm_path=args.llm_path, vision_path=args.vision_path,
-                                 quantization=args.quantization)
+        loaded = load_checkpoint(args.checkpoint, device=args.device, llm_path=args.llm_path,
+                                 vision_path=args.vision_path, quantization=args.quantization)
         answered, failed = answer_rows(todo, chunk_answerer(loaded, args), answers, args.batch_size)
     skipped = len(rows) - len(todo)
     print(f"answered {answered} of {len(todo)} prompts -> {args.output}" + (f" ({failed} failed)" if failed else "")
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--llm-path", help="the base LLM folder, if not where the checkpoint recorded it")
     parser.add_argument("--vision-path", help="the vision tower folder, if not where the checkpoint recorded it")
-    parser.add_argument("--quantization", help="how the LLM's linear weights are held: nf4 (4-bit, needs bitsandbytes) or none "
-                        "(default: as the checkpoint was trained)")
+    parser.add_argument("--quantization", help="how the LLM's linear weights are held: nf4 (4-bit, needs bitsandbytes) "
+                        "or none (default: as the checkpoint was trained)")
     args = parser.parse_args(argv)
 
     # Imported after the arguments are parsed: torch and transformers take seconds, `--help` should not.
@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt is None:
             raise UsageError("--prompt is required (or --batch FILE --output FILE)")
         prompts = prompts_of([(args.prompt, args.image)])  # a missing or broken image, a wrong <image> count
-        loaded = load_checkpoint(args.checkpoint, device=args.device, llm_path=args.llm_path, vision_path=args.vision_path,
-                                 quantization=args.quantization)
+        loaded = load_checkpoint(args.checkpoint, device=args.device, llm_path=args.llm_path,
+                                 vision_path=args.vision_path, quantization=args.quantization)
         run_single(loaded, prompts, args)
         return 0
     except (UsageError, ImageLoadError, FileNotFoundError, ValueError) as e:

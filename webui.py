@@ -44,7 +44,8 @@ GENERAL_EXAMPLES = ["Describe this image in detail.", "What is unusual about thi
 PASTE_JS = """
 () => {
   document.addEventListener("paste", (event) => {
-    const files = [...(event.clipboardData ? event.clipboardData.files : [])].filter((f) => f.type.startsWith("image/"));
+    const files = [...(event.clipboardData ? event.clipboardData.files : [])]
+      .filter((f) => f.type.startsWith("image/"));
     const input = document.querySelector("#image-input input[type=file]");
     if (!files.length || !input) return;
     event.preventDefault();
@@ -176,8 +177,9 @@ def build_app(answerer):
             return refuse(f"⚠ {problem.capitalize()}. Nothing was sent.")
         paths = [item[0] for item in gallery or []]
         if len(paths) > max_images:
-            return refuse(f"⚠ {len(paths)} images: at most {max_images} fit in one prompt ({config.vision.num_image_tokens} "
-                          f"tokens each, {DEFAULT_MAX_WINDOW_SIZE} in all). Nothing was sent.")
+            return refuse(f"⚠ {len(paths)} images: at most {max_images} fit in one prompt "
+                          f"({config.vision.num_image_tokens} tokens each, {DEFAULT_MAX_WINDOW_SIZE} in all). "
+                          "Nothing was sent.")
         good, problems = read_images(paths)
         if problems:
             return refuse("⚠ Cannot use " + "; ".join(problems) + ". It was removed; nothing was sent.",
@@ -290,7 +292,8 @@ def build_app(answerer):
                      concurrency_limit=2, show_progress="hidden")
              .then(answer, [turns, pending], [chatbot, turns, pending, status], concurrency_id="model",
                    concurrency_limit=1, show_progress_on=[chatbot])
-             .then(lambda: (idle(), idle()), None, [send, clear_button], concurrency_limit=None, show_progress="hidden"))
+             .then(lambda: (idle(), idle()), None, [send, clear_button], concurrency_limit=None,
+                   show_progress="hidden"))
         stop.click(stop_answer, [pending], [chatbot, pending, status, send, clear_button], concurrency_limit=None,
                    show_progress="hidden")
         clear_button.click(clear, [pending], [chatbot, turns, pending, status, send, clear_button, images, prompt],
@@ -343,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=port_number, default=7860)
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--share", action="store_true", help="also serve on a temporary public gradio.live link")
-    parser.add_argument("--quantization", help="how the LLM's linear weights are held: nf4 (4-bit, needs bitsandbytes) or none "
-                        "(default: as the checkpoint was trained)")
+    parser.add_argument("--quantization", help="how the LLM's linear weights are held: nf4 (4-bit, needs bitsandbytes) "
+                        "or none (default: as the checkpoint was trained)")
     args = parser.parse_args(argv)
 
     from safetensors import SafetensorError

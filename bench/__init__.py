@@ -1,1 +1,2 @@
-"""Benchmarks (not tests): `python bench/train_step.py`, `python bench/generate.py`, `python bench/data.py` (or `python -m bench.<name>`)."""
+"""Benchmarks (not tests): `python bench/train_step.py`, `python bench/generate.py`, `python bench/data.py`
+(or `python -m bench.<name>`)."""

@@ -3,7 +3,8 @@ shuffled images; then the scoring). Prints one JSON line.
 
     python -m bench.evaluate                                  # the newest checkpoint under ./outputs (the demo's)
                                                               # on config.yaml's validation split
-    python -m bench.evaluate --checkpoint outputs/qwen7b-coco --data data/processed/eval.jsonl --limit 512 --batch-size 32
+    python -m bench.evaluate --checkpoint outputs/qwen7b-coco --data data/processed/eval.jsonl \
+        --limit 512 --batch-size 32
 
 Figures: `load_s` (the checkpoint), `evaluate_s` (answers and scores of every sample), `samples_per_s` and
 `answers_per_s` over `evaluate_s`, `cpu_s` (this process's CPU time during the evaluation).

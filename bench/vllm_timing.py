@@ -3,7 +3,8 @@
     PYTHONSAFEPATH=1 VLLM_PYTHON bench/vllm_timing.py SETTINGS.json
 
 Runs in vLLM's own environment (`bash bench/vllm_env.sh`, or wherever vllm imports) and imports nothing of this
-repository (with PYTHONSAFEPATH set, bench/ is not put on sys.path). SETTINGS.json holds what bench/vllm_generate.py prepared:
+repository (with PYTHONSAFEPATH set, bench/ is not put on sys.path). SETTINGS.json holds what
+bench/vllm_generate.py prepared:
 `{"model", "image", "prompt", "dtype", "max_model_len", "batch_sizes", "new_tokens", "repeats",
 "gpu_memory_utilization", "output"}`. For each batch size, `repeats + 1` rounds (the first warms up) of one `generate`
 with 1 new token (the prefill) and one with `new_tokens` greedy tokens and no early stop; the medians give

@@ -16,11 +16,13 @@ Layout of the cache folder:
 manifest.json: `format`; the identity, which must equal the model's (`cache_identity`): `vision_path`
 (resolved), `weights` (the SHA-256 of each of the tower's weight files), `vision_feature_layer` (as a
 hidden_states index >= 0; `vision_feature_layer_config` keeps the configured value), `image_size`,
-`num_patches` (N), `hidden_size` (C), `preprocessor` (every ImagePreprocessor setting); then `dtype`, `feature_shape`, `num_images`, `shards` (file, images, bytes:
-checked when the cache is opened) and `skipped` (path and reason of each image that did not decode).
+`num_patches` (N), `hidden_size` (C), `preprocessor` (every ImagePreprocessor setting); then `dtype`,
+`feature_shape`, `num_images`, `shards` (file, images, bytes: checked when the cache is opened) and `skipped`
+(path and reason of each image that did not decode).
 
 The whole folder is built under a temporary name beside it and renamed into place, so it is either the old
-complete cache or the new complete one (a rebuild needs the disk space of both for a while). A rerun reuses a cache whose identity matches and that holds every
+complete cache or the new complete one (a rebuild needs the disk space of both for a while). A rerun reuses
+a cache whose identity matches and that holds every
 image; with images missing it writes a new cache, copying the features it already has and computing the
 others; a cache of another tower, layer or preprocessing is refused (rebuild it with --rebuild-features).
 Images are keyed by their path as written in the processed files: after replacing image files in place,
@@ -32,7 +34,8 @@ keep the size and even the time stamp) make the cache stale, and it is refused. 
 alone would miss exactly those cases, so the content is hashed: streamed SHA-256, done once per process for
 a given file (keyed by path, size, mtime, ctime and inode), so checking a cache and then completing it hashes
 the files once. ViT-L/14's 1.7 GB took 7.5 s on a shared 2-core AMD EPYC (one core, while other jobs ran);
-that is paid once by train.py and process_image.py, next to minutes of model loading and data checks. Features are computed on the GPU in bf16 when there is one, else on the CPU in fp32. The same inputs,
+that is paid once by train.py and process_image.py, next to minutes of model loading and data checks.
+Features are computed on the GPU in bf16 when there is one, else on the CPU in fp32. The same inputs,
 machine and batch size give byte-identical files, whatever the number of decoding workers (the batch size
 matters in the last bits: matrix kernels round differently for another number of images per call).
 """

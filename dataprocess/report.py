@@ -10,7 +10,8 @@ that the same inputs give a byte-identical report:
      "images": {"checked": 76300, "bad": 14},
      "sources": [{"name": "complex_reasoning_77k", "format": "llava", "annotations": "...", "image_dir": "...",
                   "rows": 76643, "skipped_by_limit": 0, "kept": 76012, "dropped": 631,
-                  "dropped_by_reason": {"tag mismatch": {"count": 3, "examples": [{"row": 17, "id": "...", "detail": "..."}]}}}]}
+                  "dropped_by_reason": {"tag mismatch": {"count": 3,
+                                                         "examples": [{"row": 17, "id": "...", "detail": "..."}]}}}]}
 
 Reasons appear in the fixed order of `schema.DROP_REASONS`; examples are the first three by row index.
 """

@@ -180,5 +180,6 @@ def read_samples(path: str | os.PathLike) -> Iterator[tuple[int, bytes, dict[str
                 raise ValueError(f"{path}, line {lineno}: not valid JSON ({e})") from e
             sample = upgrade_first_format(sample)
             sample_id = sample.get("id") if isinstance(sample, dict) else None
-            validate_sample(sample, f"{path}, line {lineno}" + (f" ({sample_id})" if isinstance(sample_id, str) else ""))
+            where = f"{path}, line {lineno}" + (f" ({sample_id})" if isinstance(sample_id, str) else "")
+            validate_sample(sample, where)
             yield lineno, line, sample

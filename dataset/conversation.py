@@ -16,7 +16,8 @@ Images: each `<image>` marker (dataprocess.schema.IMAGE_MARKER) in a USER turn b
 copies of the LLM's own image token id (`tokenizer.image_token_id`: `<|extra_0|>` for QWen v1, `<|image_pad|>`
 for Qwen2.5 / Qwen3; the placeholders the model overwrites with projected image features). All text - system,
 user, answers - is encoded with `tokenizer.encode_text`, so text that looks like a special token ("<|im_end|>",
-"<|image_pad|>" in an answer) stays ordinary text; special ids are only ever inserted here, by structure. `check_encoding` re-derives the mask from the ids alone and raises on any disagreement.
+"<|image_pad|>" in an answer) stays ordinary text; special ids are only ever inserted here, by structure.
+`check_encoding` re-derives the mask from the ids alone and raises on any disagreement.
 
 Too long for `max_length`: whole trailing (user, assistant) pairs are dropped, with their images,
 so a placeholder run is never cut and no tag loses its image; if the first pair alone does not fit,

@@ -156,7 +156,8 @@ class SupervisedDataset(Dataset):
             )
         if not len(self):
             raise NoUsableSampleError(f"{self.path}: no usable sample ({len(self.unusable)} too long for max_length="
-                                      f"{max_length}, {self.num_filtered} left out by the sample filter: sources, images)")
+                                      f"{max_length}, {self.num_filtered} left out by the sample filter: "
+                                      "sources, images)")
 
     def __len__(self) -> int:
         return len(self.lengths)

@@ -79,7 +79,8 @@ def bad_input(args: argparse.Namespace) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         architectures = []
     if LLAVA_ARCHITECTURE not in architectures:
-        return f"--export {args.export} is not a `python -m model.export --format llava` folder (no {LLAVA_ARCHITECTURE})"
+        return (f"--export {args.export} is not a `python -m model.export --format llava` folder "
+                f"(no {LLAVA_ARCHITECTURE})")
     if args.engine == "vllm":
         return vllm_missing(args.vllm_python)
     return None
@@ -114,7 +115,8 @@ def our_first_token_logprobs(checkpoint: str, requests: list[dict]) -> dict:
         prompt = Prompt(query_with_images(request["prompt"], len(request["images"])),
                         [load_image(path) for path in request["images"]])
         input_ids, attention_mask, pixels = prompt_tensors([prompt], loaded.tokenizer, loaded.processor,
-                                                           loaded.config.system_prompt, loaded.config.vision.num_image_tokens)
+                                                           loaded.config.system_prompt,
+                                                           loaded.config.vision.num_image_tokens)
         with torch.no_grad():
             logits = loaded.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels).logits
         found[request["id"]] = torch.log_softmax(logits[0, -1].float(), dim=-1)
@@ -138,7 +140,8 @@ def run_sides(args: argparse.Namespace, requests: list[dict], tmp: Path) -> tupl
                      "--batch-size", "1", "--max-new-tokens", str(args.max_new_tokens)],
         f"the {args.engine} process": [
             python, str(ENGINES[args.engine]), str(Path(args.export).resolve()), str(tmp / "requests.jsonl"),
-            str(tmp / "engine.jsonl"), str(args.max_new_tokens), str(args.top_logprobs), json.dumps(our_module_names())],
+            str(tmp / "engine.jsonl"), str(args.max_new_tokens), str(args.top_logprobs),
+            json.dumps(our_module_names())],
     }
     for name, command in runs.items():
         code = subprocess.run(command, check=False, cwd=tmp).returncode

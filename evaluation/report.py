@@ -1,9 +1,9 @@
 """The evaluation's three files, each written whole (`common.fileio.write_files`: aside first, then renamed):
 
     metrics.json       the scores (what evaluate.py prints), written last
-    predictions.jsonl  one row per scored sample: id, prompt, images, prediction, references (+ language, kind, its score,
-                       and after a generation run the blank and shuffled answers); `evaluate.py --predictions`
-                       reads it back
+    predictions.jsonl  one row per scored sample: id, prompt, images, prediction, references (+ language, kind,
+                       its score, and after a generation run the blank and shuffled answers);
+                       `evaluate.py --predictions` reads it back
     report.md          the table, and examples: the best and worst captions by sentence CIDEr-D, wrong answers
 """
 
@@ -66,7 +66,8 @@ def render_report(metrics: dict, rows: list[dict], n_examples: int = 3) -> str:
         reasons = ", ".join(f"{n} {reason}" for reason, n in metrics["skipped"]["by_reason"].items())
         ids = ", ".join(f"`{r['id']}`" for r in metrics["skipped"]["first"])
         more = " …" if skipped > len(metrics["skipped"]["first"]) else ""
-        lines.append(f"- skipped, not scored: {skipped} samples whose image could not be loaded ({reasons}): {ids}{more}")
+        lines.append(f"- skipped, not scored: {skipped} samples whose image could not be loaded ({reasons}): "
+                     f"{ids}{more}")
     if "shuffled" in metrics:
         lines.append(f"- blank image: {metrics['settings']['blank']}; shuffled: {metrics['shuffled']['swapped']} of "
                      f"{metrics['settings']['samples']} samples asked about another sample's images, scored against "

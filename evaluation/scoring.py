@@ -69,7 +69,8 @@ def score_rows(rows: list[dict], *, ptb: bool = False, normalise: Normaliser = n
     summary: dict = {}
     correct_all = []
     for language in LANGUAGES:
-        captions = [i for i, r in enumerate(rows) if r["language"] == language and r.get("kind", "caption") == "caption"]
+        captions = [i for i, r in enumerate(rows)
+                    if r["language"] == language and r.get("kind", "caption") == "caption"]
         metrics, per_row = caption_scores(
             [rows[i]["prediction"] for i in captions], [rows[i]["references"] for i in captions], language, ptb=ptb
         )

@@ -253,8 +253,8 @@ def _check_answers(path: Path, data: bytes, rows: list[Row]) -> tuple[dict[str, 
                              f"answers; {refuse}")
         if entry["row_hash"] != row.row_hash:
             raise BatchError(f"--output {path}, line {n}: id {key} was answered for another question than line "
-                             f"{row.line} of the batch file asks (its prompt or images differ): another batch's answers, "
-                             f"or a row edited since (delete its line to answer it again); {refuse}")
+                             f"{row.line} of the batch file asks (its prompt or images differ): another batch's "
+                             f"answers, or a row edited since (delete its line to answer it again); {refuse}")
         if key in done:
             raise BatchError(f"--output {path}: id {key} has two lines ({done[key]} and {n}); {refuse}")
         done[key] = n

@@ -22,8 +22,8 @@ from .generation import Prompt, StopOnEvent, Turn, fit_history, generate_answers
 
 @dataclass
 class LoadedCheckpoint:
-    """The model (LoRA merged, unless its base is 4-bit; eval mode, on `device`), its tokenizer and image preprocessor, and the bundle's
-    config (system prompt, image token count)."""
+    """The model (LoRA merged, unless its base is 4-bit; eval mode, on `device`), its tokenizer and image
+    preprocessor, and the bundle's config (system prompt, image token count)."""
 
     model: torch.nn.Module
     tokenizer: ChatTokenizer

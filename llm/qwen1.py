@@ -47,7 +47,8 @@ def qwen2_text_config(qwen):
     if qwen.rotary_pct != 1.0:
         raise ValueError(f"rotary_pct={qwen.rotary_pct}: Qwen2 rotates every channel of each head (rotary_pct 1.0)")
     if not qwen.no_bias:
-        raise ValueError("no_bias=false: Qwen2 has no bias on o_proj and the MLP (every Qwen-7B release has no_bias=true)")
+        raise ValueError("no_bias=false: Qwen2 has no bias on o_proj and the MLP "
+                         "(every Qwen-7B release has no_bias=true)")
     return Qwen2Config(
         architectures=["Qwen2ForCausalLM"],
         vocab_size=qwen.vocab_size,

@@ -81,7 +81,8 @@ class Qwen2Tokenizer:
         added = {token["content"]: token for token in tokenizer_json.get("added_tokens", [])}
         missing = [name for name in REQUIRED_TOKENS if name not in added]
         if missing:
-            raise ValueError(f"{where} has no added token {', '.join(missing)}: not a Qwen2 / Qwen2.5 / Qwen3 tokenizer "
+            raise ValueError(f"{where} has no added token {', '.join(missing)}: "
+                             "not a Qwen2 / Qwen2.5 / Qwen3 tokenizer "
                              f"(they add {', '.join(REQUIRED_TOKENS)} from id 151643)")
         self._tokenizer = tokenizer
         self._ids = {name: tokenizer.token_to_id(name) for name in REQUIRED_TOKENS}

@@ -337,7 +337,8 @@ def random_qwen2_state_dict(config: dict[str, Any], *, seed: int = 0, bias_std: 
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         sd[p + "input_layernorm.weight"] = norm(h)
-        for name, rows in (("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim), ("v_proj", kv_heads * head_dim)):
+        projections = (("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim), ("v_proj", kv_heads * head_dim))
+        for name, rows in projections:
             sd[p + f"self_attn.{name}.weight"] = normal(rows, h)
             if not qwen3:  # Qwen2 has biases on q/k/v; Qwen3 has none (attention_bias false)
                 sd[p + f"self_attn.{name}.bias"] = normal(rows, s=bias_std)

@@ -9,7 +9,8 @@ A bundle is one self-describing folder:
 
 `load_vlm(folder)` rebuilds exactly the trained model (a QLoRA bundle's base in 4-bit again, its adapter kept
 beside the 4-bit weights). A merged export (`python -m model.export`) has the same `vlm_config.json` and
-projector, and the LLM's weights with the LoRA folded in instead of an adapter; it loads without peft. Everything that knows the bundle's files is here: saving, loading for inference,
+projector, and the LLM's weights with the LoRA folded in instead of an adapter; it loads without peft.
+Everything that knows the bundle's files is here: saving, loading for inference,
 restoring the trainable weights when training resumes, and refusing a bundle of another model.
 """
 

@@ -38,7 +38,9 @@ _TEMPLATE = r"""
 {%- macro refuse_special_text(text) -%}
   {%- for token in __SPECIAL_TOKENS__ -%}
     {%- if token in text -%}
-      {{- raise_exception('message text contains the special token ' ~ token ~ '; this model keeps typed text as text and refuses to turn it into a control token (images are content items of type "image")') -}}
+      {{- raise_exception('message text contains the special token ' ~ token
+                          ~ '; this model keeps typed text as text and refuses to turn it into a control token'
+                          ~ ' (images are content items of type "image")') -}}
     {%- endif -%}
   {%- endfor -%}
 {%- endmacro -%}

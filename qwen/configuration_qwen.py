@@ -139,7 +139,8 @@ class QWenConfig(PretrainedConfig):
         """Refuse shapes the original code cannot express, with a message naming the fields."""
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+                f"hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
             )
         if self.kv_channels * self.num_attention_heads != self.hidden_size:
             raise ValueError(

@@ -74,7 +74,8 @@ def rebuild_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     """
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise ValueError(f"the vocabulary lacks single-byte tokens for bytes {missing[:8]}; byte-level BPE needs all 256")
+        raise ValueError(f"the vocabulary lacks single-byte tokens for bytes {missing[:8]}; "
+                         "byte-level BPE needs all 256")
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         if len(token) == 1:

@@ -239,7 +239,8 @@ def check_checkpoint_tensors(cls, config: QWenConfig, folder: Path) -> None:
         problems.append(f"missing tensors: {missing}")
     if unexpected := sorted(set(found) - set(expected)):
         problems.append(f"unexpected tensors: {unexpected}")
-    if mismatched := [f"{k} (file {found[k]} vs config {expected[k]})" for k in sorted(expected) if k in found and found[k] != expected[k]]:
+    if mismatched := [f"{k} (file {found[k]} vs config {expected[k]})"
+                      for k in sorted(expected) if k in found and found[k] != expected[k]]:
         problems.append(f"tensors whose shape does not match config.json: {mismatched}")
     if problems:
         raise ValueError(f"cannot load {folder}: " + "; ".join(problems))
@@ -292,9 +293,11 @@ class QWenPreTrainedModel(PreTrainedModel):
             raise FileNotFoundError(f"QWen checkpoint folder not found: {folder}")
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} has no config.json: not a QWen checkpoint folder")
-        weight_files = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+        weight_files = ("model.safetensors", "model.safetensors.index.json",
+                        "pytorch_model.bin", "pytorch_model.bin.index.json")
         if not any((folder / name).is_file() for name in weight_files):
-            raise FileNotFoundError(f"{folder} has no weights (expected model.safetensors or model.safetensors.index.json)")
+            raise FileNotFoundError(f"{folder} has no weights "
+                                    "(expected model.safetensors or model.safetensors.index.json)")
         if kwargs.pop("trust_remote_code", False):
             raise ValueError("trust_remote_code is never needed nor allowed: this class is the QWen implementation")
         config = kwargs.get("config") or cls.config_class.from_pretrained(folder)
@@ -377,7 +380,8 @@ class QWenModel(QWenPreTrainedModel):
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape != (B, kv_length):
                 raise ValueError(
-                    f"attention_mask must be [batch, past + new] = [{B}, {kv_length}], got {tuple(attention_mask.shape)}"
+                    f"attention_mask must be [batch, past + new] = [{B}, {kv_length}], "
+                    f"got {tuple(attention_mask.shape)}"
                 )
             if T > 1 and bool(attention_mask.all()):
                 # Nothing masked: the causal fast path (flash kernels) is exact. Not checked for single-token

@@ -104,7 +104,8 @@ def random_qwen_state_dict(config: dict, *, seed: int = 0, bias_std: float = 0.0
         sd[p + "mlp.w2.weight"] = normal(ff, h)
         sd[p + "mlp.c_proj.weight"] = normal(h, ff, s=out_std)
         if not config["no_bias"]:
-            for name, size in (("attn.c_proj.bias", h), ("mlp.w1.bias", ff), ("mlp.w2.bias", ff), ("mlp.c_proj.bias", h)):
+            biases = (("attn.c_proj.bias", h), ("mlp.w1.bias", ff), ("mlp.w2.bias", ff), ("mlp.c_proj.bias", h))
+            for name, size in biases:
                 sd[p + name] = normal(size, s=bias_std) if bias_std else torch.zeros(size)
     sd["transformer.ln_f.weight"] = torch.ones(h)
     sd["lm_head.weight"] = normal(config["vocab_size"], h)

@@ -58,7 +58,8 @@ def _suggest(key: str, known: list[str]) -> str:
 def check_keys(mapping: dict[str, Any], known: list[str], where: str) -> None:
     for key in mapping:
         if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(str(key), known)}; known keys: {', '.join(known)}")
+            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(str(key), known)}; "
+                              f"known keys: {', '.join(known)}")
 
 
 # What HfArgumentParser reads as a bool when argparse converts a string (settings.training's values).
@@ -79,7 +80,8 @@ def describe(annotation: Any) -> str:
         return f"a list of {describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
     if origin is dict or annotation is dict or dataclasses.is_dataclass(annotation):
         return "a mapping"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(annotation, str(annotation))
 
 
 def fits(value: Any, annotation: Any, *, from_flags: bool = False) -> bool:

@@ -36,8 +36,10 @@ from .sections import DataConfig, LoraConfig, ModelConfig
 @dataclass
 class DataArguments:
     train_file: str | None = field(default=None, metadata={"help": "processed JSONL (default: data.output)"})
-    eval_file: str | None = field(default=None, metadata={"help": "validation JSONL (default: written beside data.output)"})
-    max_length: int = field(default=DataConfig.max_length, metadata={"help": "tokens per sample, image placeholders included"})
+    eval_file: str | None = field(default=None, metadata={
+        "help": "validation JSONL (default: written beside data.output)"})
+    max_length: int = field(default=DataConfig.max_length, metadata={
+        "help": "tokens per sample, image placeholders included"})
     feature_cache: str | None = field(default=None, metadata={
         "help": "folder of CLIP features from `process_image.py --cache-features` (empty: decode the images)"})
     sources: list[str] | None = field(default=None, metadata={
@@ -55,7 +57,8 @@ class TrainArguments(TrainingArguments):
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "replace the previous run in a non-empty output_dir: its checkpoints, bundle, metrics and logs are "
                 "deleted first (without it, and without --resume_from_checkpoint, a non-empty output_dir is refused)"})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "keep False: pixel_values must reach the model"})
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "keep False: pixel_values must reach the model"})
     eval_generation_samples: int = field(default=0, metadata={
         "help": "at each evaluation, generate answers for this many validation samples and log CIDEr, BLEU-4 and "
                 "accuracy (evaluation/callback.py; 0: off)"})
@@ -182,7 +185,8 @@ def parse_train_args(argv: list[str] | None = None) -> TrainSetup:
         config_path = Path(argv[i + 1])
         del argv[i : i + 2]
     config = load_config(config_path)
-    parser = _Parser((ModelConfig, DataArguments, LoraConfig, TrainArguments), allow_abbrev=False)  # `--learning_rat 3`: unknown
+    # allow_abbrev=False: `--learning_rat 3` is an unknown flag, not --learning_rate
+    parser = _Parser((ModelConfig, DataArguments, LoraConfig, TrainArguments), allow_abbrev=False)
     stage = requested_stage(argv, config)
     parser.set_defaults(**_defaults(config, stage))
     # Required fields (the model paths) may come from the config: make argparse accept their absence.

@@ -63,7 +63,8 @@ def load_start_projector(model, folder: str | Path, current: VLMConfig, verbose:
             raise ValueError(f"model.projector_path: the projector of {folder} was trained for another model: "
                              + "; ".join(problems))
         moved = [name for name, there, now in zip(("text", "vision"), saved.resolve(folder),
-                                                   (current.text.path, current.vision.path)) if Path(there) != Path(now)]
+                                                   (current.text.path, current.vision.path))
+                 if Path(there) != Path(now)]
         if moved and verbose:
             print(f"train.py: note: the projector of {folder} was trained with other base folders ({', '.join(moved)}"
                   "); its shapes fit")

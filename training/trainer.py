@@ -42,7 +42,8 @@ from .distributed import full_trainable_weights
 
 
 def build_param_groups(
-    model: torch.nn.Module, *, learning_rate: float, projector_learning_rate: float, weight_decay: float, verbose: bool = True
+    model: torch.nn.Module, *, learning_rate: float, projector_learning_rate: float, weight_decay: float,
+    verbose: bool = True,
 ) -> list[dict]:
     """Trainable parameters in four groups: {LLM side, projector} x {matrices: decayed, biases/norms: not}, by each
     parameter's whole shape (also when DeepSpeed ZeRO-3 has already sharded it)."""
@@ -88,7 +89,8 @@ def unsupported_options(args) -> list[str]:
     if not 0.0 <= args.label_smoothing_factor < 1.0:
         problems.append(f"label_smoothing_factor: {args.label_smoothing_factor} is not in [0, 1)")
     if args.deepspeed and "LOCAL_RANK" not in os.environ:
-        problems.append("deepspeed: start it with torchrun (`bash train.sh --deepspeed ...` does, also for one process): "
+        problems.append("deepspeed: start it with torchrun "
+                        "(`bash train.sh --deepspeed ...` does, also for one process): "
                         "DeepSpeed needs a launcher's environment (LOCAL_RANK, WORLD_SIZE, ...)")
     if args.fsdp and args.use_cpu:
         problems.append("fsdp: not on CPU: accelerate runs FSDP on GPUs only, and with use_cpu the Trainer would train "

@@ -58,7 +58,8 @@ class SiglipVisionTower(FrozenVisionTower):
         size = config.image_size
         fix = f'make size {{"height": {size}, "width": {size}}}, as google/siglip-* publish it'
         if not (processor.do_resize and processor.resizes_exactly):
-            how = "does not resize" if not processor.do_resize else "resizes the shortest edge, keeping the aspect ratio"
+            how = ("does not resize" if not processor.do_resize
+                   else "resizes the shortest edge, keeping the aspect ratio")
             raise CheckpointError(
                 f"SigLIP checkpoint {folder}: {PREPROCESSOR_CONFIG} {how}; the tower takes every image resized to "
                 f"{size}x{size} (config.json image_size): {fix}"

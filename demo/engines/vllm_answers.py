@@ -8,7 +8,8 @@ repository (checked at the end against OURS_JSON, the repository's top-level mod
 `LLM.chat` with the folder's chat template and the sampling defaults vLLM reads from generation_config.json,
 greedy (temperature 0), in the dtype of the folder's config.json, with the PIL implementation of the image
 processor (`mm_processor_kwargs={"backend": "pil"}`: the pixels of training; vLLM's default, the torchvision one
-when torchvision is installed, differs by up to about 0.03 per value). Writes one `{"id", "answer", "first_token_logprobs"}` line per request: the answer
+when torchvision is installed, differs by up to about 0.03 per value). Writes one
+`{"id", "answer", "first_token_logprobs"}` line per request: the answer
 text stripped of surrounding white space (as infer.py does), and the log-probabilities of the first generated
 token's TOP_K best candidates (id -> log-prob, of the raw model output: vLLM's default logprobs mode).
 """
