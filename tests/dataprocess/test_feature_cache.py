@@ -171,7 +171,8 @@ def test_cache_files_are_deterministic_reused_and_completed(project, tiny_clip_d
     shards = json.loads((tmp_path / "a" / MANIFEST_FILE).read_text())["shards"]
     assert [s["images"] for s in shards] == [5, 5, 4] and all(s["bytes"] <= shard_bytes for s in shards)
     assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
-    torch.testing.assert_close(FeatureCache(tmp_path / "a")(images), FeatureCache(project / "data" / "features")(images))
+    torch.testing.assert_close(FeatureCache(tmp_path / "a")(images),
+                               FeatureCache(project / "data" / "features")(images))
 
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").iterdir()}
     again = build_feature_cache(images[:5], tmp_path / "a", **kwargs)

@@ -12,7 +12,8 @@ from tests.dataset.test_dataset import EOD, TAG, grey_of, make_dataset, sample, 
 
 def test_a_transient_read_error_is_retried_next_epoch(tmp_path, tok_tiny):
     images = [save_image(tmp_path / f"{g}.png", g) for g in (10, 20, 30)]
-    path = write_jsonl(tmp_path / "train.jsonl", [sample(f"s{i}", [img], f"{TAG} a", "b") for i, img in enumerate(images)])
+    path = write_jsonl(tmp_path / "train.jsonl",
+                       [sample(f"s{i}", [img], f"{TAG} a", "b") for i, img in enumerate(images)])
     ds = make_dataset(path, tok_tiny)
     flaky = tmp_path / "20.png"
     content = flaky.read_bytes()

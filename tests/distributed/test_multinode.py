@@ -61,11 +61,13 @@ def test_two_machines_train_as_one_machine_and_as_one_process(runs, ddp_run):
         assert_same_weights(one / folder, two / folder, atol=1e-5)
     assert log_history(two) == log_history(ddp_run)
     for (step, loss, norm), (step_one, loss_one, norm_one) in zip(log_history(two), log_history(one), strict=True):
-        assert step == step_one and loss == pytest.approx(loss_one, rel=1e-5) and norm == pytest.approx(norm_one, rel=1e-4)
+        assert step == step_one
+        assert loss == pytest.approx(loss_one, rel=1e-5) and norm == pytest.approx(norm_one, rel=1e-4)
     # both machines wrote into the shared checkpoint: process 0 the bundle and the Trainer's state, process 1 its RNG
     assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "vlm_config.json", "checkpoint_complete.json"} <= {
         p.name for p in (two / "checkpoint-2").iterdir()}
-    moved = bundle_weights(two)["projector.linear_1.weight"] - bundle_weights(two / "checkpoint-2")["projector.linear_1.weight"]
+    name = "projector.linear_1.weight"
+    moved = bundle_weights(two)[name] - bundle_weights(two / "checkpoint-2")[name]
     assert moved.abs().max() > 1e-3  # the last step trained: the comparisons above are not vacuous
 
 
@@ -132,7 +134,8 @@ def test_train_sh_launches_torchrun_for_several_processes_or_machines(tmp_path, 
 def test_the_demo_is_prepared_and_evaluated_on_node_0_only(tmp_path):
     env = {"NNODES": "2", "MASTER_ADDR": "node0", "MASTER_PORT": "29400"}
     code, calls, _ = run_train_sh(tmp_path, DEMO, env={**env, "NODE_RANK": "1"})
-    launch = "-m torch.distributed.run --nnodes 2 --node_rank 1 --nproc_per_node 1 --master_addr node0 --master_port 29400"
+    launch = ("-m torch.distributed.run --nnodes 2 --node_rank 1 --nproc_per_node 1 "
+              "--master_addr node0 --master_port 29400")
     assert code == 0 and calls == [f"{launch} train.py --config C --stage align --overwrite_output_dir",
                                    f"{launch} train.py --config C --overwrite_output_dir"]
     code, calls, _ = run_train_sh(tmp_path, DEMO, env={**env, "NODE_RANK": "0"})

@@ -180,7 +180,8 @@ def test_an_output_that_is_not_this_batchs_answers_is_left_byte_identical(stub, 
     answers = ours.read_bytes()
     stub["loads"] = 0
     cases = {
-        "settings.json": (b'{"learning_rate": 0.001, "epochs": 3}', "line 1 (the last, with no newline): not the start"),
+        "settings.json": (b'{"learning_rate": 0.001, "epochs": 3}',
+                          "line 1 (the last, with no newline): not the start"),
         "pretty.json": (b'{\n  "id": 1,\n  "answer": "x"\n}', "line 1: not an answer line of infer.py"),
         "earlier.jsonl": (b'{"id": 1, "answer": "x"}\n', "line 1: an answer line without row_hash"),
         "appended.jsonl": (answers + b"a note without a newline", "line 3 (the last, with no newline): not the start"),

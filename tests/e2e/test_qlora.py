@@ -161,7 +161,8 @@ from transformers import LlavaForConditionalGeneration
 qwen = QWenLMHeadModel.from_pretrained(sys.argv[1])
 llava = LlavaForConditionalGeneration.from_pretrained(sys.argv[2])
 ids = torch.tensor([[1, 2, 3, 4, 5]])
-print(json.dumps({"qwen": qwen(ids).logits.tolist(), "llava": llava.model.language_model(ids).last_hidden_state.shape[-1],
+print(json.dumps({"qwen": qwen(ids).logits.tolist(),
+                  "llava": llava.model.language_model(ids).last_hidden_state.shape[-1],
                   "linear": sorted({type(m).__name__ for m in qwen.modules() if isinstance(m, torch.nn.Linear)})}))
 """
 

@@ -20,7 +20,8 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
 
 
 def run(*args, timeout=300, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], check=False, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], check=False, cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +114,9 @@ def test_gradient_accumulation_weighs_every_token_the_same(project):
 def test_load_best_model_at_end_restores_adapter_and_projector(project):
     out = project / "best"
     result = run("train.py", "--config", str(project / "config.yaml"), "--output_dir", str(out), "--max_steps", "3",
-                 "--eval_strategy", "steps", "--eval_steps", "1", "--save_steps", "1", "--load_best_model_at_end", "true",
-                 "--metric_for_best_model", "eval_loss", "--greater_is_better", "true")
+                 "--eval_strategy", "steps", "--eval_steps", "1", "--save_steps", "1",
+                 "--load_best_model_at_end", "true", "--metric_for_best_model", "eval_loss",
+                 "--greater_is_better", "true")
     assert result.returncode == 0, result.stderr[-3000:]
     best = Path(json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["best_model_checkpoint"])
     assert best.name != "checkpoint-3"  # the highest eval loss is an early one: the test is not vacuous

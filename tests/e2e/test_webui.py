@@ -303,7 +303,8 @@ def test_two_tabs_at_once_each_get_their_own_answer_one_after_the_other(browser,
     url, log = app
     pages = [open_page(browser, url) for _ in range(2)]
     try:
-        jobs = [(pages[0], files["red"], "What colour is the shape?"), (pages[1], files["blue"], "图形在图片的哪个角？")]
+        jobs = [(pages[0], files["red"], "What colour is the shape?"),
+                (pages[1], files["blue"], "图形在图片的哪个角？")]
         for tab, image, _ in jobs:
             set_max_new_tokens(tab, 60)
             attach(tab, image)

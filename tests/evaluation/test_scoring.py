@@ -44,9 +44,11 @@ def test_english_tokens_equal_the_official_ptb_tokenizer():
 
 
 def test_chinese_segmentation_by_jieba_precise_mode():
-    assert tokenize_zh("一个穿着红色衣服的女人在街上走着。") == ["一个", "穿着", "红色", "衣服", "的", "女人", "在", "街上", "走", "着"]
+    assert tokenize_zh("一个穿着红色衣服的女人在街上走着。") == [
+        "一个", "穿着", "红色", "衣服", "的", "女人", "在", "街上", "走", "着"]
     # punctuation is a word boundary and disappears; Latin letters are lower-cased after segmentation
-    assert tokenize_zh("在图片的左上角，画着一个红色的圆形") == ["在", "图片", "的", "左上角", "画", "着", "一个", "红色", "的", "圆形"]
+    assert tokenize_zh("在图片的左上角，画着一个红色的圆形") == [
+        "在", "图片", "的", "左上角", "画", "着", "一个", "红色", "的", "圆形"]
     assert tokenize_zh("NBA球员在T恤上签名！") == ["nba", "球员", "在", "t恤", "上", "签名"]
 
 
@@ -163,8 +165,10 @@ def test_scores_equal_pycocoevalcap_on_hand_tokenised_text_per_language():
     from pycocoevalcap.rouge.rouge import Rouge
 
     rows = [
-        {"id": "a", "language": "en", "prediction": "A dog's ball, on grass.", "references": ["The dog's ball.", "A ball on the grass!"]},
-        {"id": "b", "language": "zh", "prediction": "两个男人在打篮球。", "references": ["两个男人在球场上打篮球", "男人在打球"]},
+        {"id": "a", "language": "en", "prediction": "A dog's ball, on grass.",
+         "references": ["The dog's ball.", "A ball on the grass!"]},
+        {"id": "b", "language": "zh", "prediction": "两个男人在打篮球。",
+         "references": ["两个男人在球场上打篮球", "男人在打球"]},
         {"id": "c", "language": "en", "prediction": "Two cats sleep.", "references": ["two cats are sleeping"]},
         {"id": "q", "language": "en", "kind": "qa", "prediction": "The Red.", "references": ["red"], "answer": "red"},
         {"id": "d", "language": "zh", "prediction": "一只猫", "references": ["一只猫在睡觉。"]},

@@ -44,8 +44,8 @@ def answerer(tiny_bundle_dir):
 
 def expected_answer(answerer, prompt, **gen):
     return generate_answers(answerer.model, answerer.tokenizer, answerer.processor, [prompt],
-                            system=answerer.config.system_prompt, num_image_tokens=answerer.config.vision.num_image_tokens,
-                            **gen)[0]
+                            system=answerer.config.system_prompt,
+                            num_image_tokens=answerer.config.vision.num_image_tokens, **gen)[0]
 
 
 def test_make_query_places_one_tag_per_image():

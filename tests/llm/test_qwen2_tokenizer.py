@@ -203,7 +203,8 @@ def test_chat_template_turns_typed_markers_into_ids_and_hand_built_prompts_do_no
 def test_qwen2_5_template_default_system(llm_tiny_qwen2_5_dir):
     tok, hf = Qwen2Tokenizer.from_pretrained(llm_tiny_qwen2_5_dir), AutoTokenizer.from_pretrained(llm_tiny_qwen2_5_dir)
     default = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-    assert _template_ids(hf, [{"role": "user", "content": "hi"}]) == _hand_built(tok, [("system", default), ("user", "hi")])
+    expected = _hand_built(tok, [("system", default), ("user", "hi")])
+    assert _template_ids(hf, [{"role": "user", "content": "hi"}]) == expected
 
 
 def test_qwen3_template_no_default_system_and_thinking_switch(llm_tiny_qwen3_dir):
@@ -221,7 +222,8 @@ def test_chat_templates_render_history_tools_and_reasoning(llm_tiny_qwen2_5_dir,
         {"role": "user", "content": "q1"},
         {"role": "assistant", "content": "<think>\nr1\n</think>\n\na1"},
         {"role": "user", "content": "q2"},
-        {"role": "assistant", "content": "<think>r2</think>a2", "tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]},
+        {"role": "assistant", "content": "<think>r2</think>a2",
+         "tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]},
         {"role": "tool", "content": "out"},
         {"role": "tool", "content": "out2"},
     ]
@@ -234,7 +236,8 @@ def test_chat_templates_render_history_tools_and_reasoning(llm_tiny_qwen2_5_dir,
         "\n</tool_call><|im_end|>\n"
     )
     call = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call><|im_end|>\n'
-    responses = "<|im_start|>user\n<tool_response>\nout\n</tool_response>\n<tool_response>\nout2\n</tool_response><|im_end|>\n"
+    responses = ("<|im_start|>user\n<tool_response>\nout\n</tool_response>\n"
+                 "<tool_response>\nout2\n</tool_response><|im_end|>\n")
     qwen2_5 = AutoTokenizer.from_pretrained(llm_tiny_qwen2_5_dir)
     assert qwen2_5.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True) == (
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n" + tools_block

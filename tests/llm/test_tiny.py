@@ -41,7 +41,10 @@ EXPECTED = {
 
 def _file_tensors(folder) -> tuple[dict[str, torch.Tensor], list[str]]:
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
     tensors = {}
     for name in files:
         with safe_open(str(folder / name), framework="pt") as f:

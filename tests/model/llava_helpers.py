@@ -80,7 +80,8 @@ def quiet_rows(head: torch.Tensor, ids: torch.Tensor) -> None:
 def make_bundle(folder: Path, llm_dir: Path, vision_dir: Path, *, train_embeddings: bool) -> Path:
     """A bundle whose every trained tensor has a visible value: LoRA on all default targets, the projector, and,
     with `train_embeddings`, full copies of the embeddings and the LM head (its `unlisted_ids` rows quiet; without
-    `train_embeddings` the head is the LLM folder's, whose rows should be quiet already: `write_quiet_qwen2_checkpoint`)."""
+    `train_embeddings` the head is the LLM folder's, whose rows should be quiet already:
+    `write_quiet_qwen2_checkpoint`)."""
     model = build_vlm(llm_dir, vision_dir)
     peft_model = apply_lora(model, r=4, alpha=8, train_embeddings=train_embeddings, verbose=False)
     tokenizer = load_tokenizer(llm_dir)
@@ -197,7 +198,8 @@ def check_greedy_tokens(ours: Ours, hf_model) -> None:
     ids, mask, pixels = our_batch(ours, BATCHES["left_padded_batch"])
     tokenizer = ours.tokenizer
     plain = GenerationConfig(do_sample=False, max_new_tokens=10, min_new_tokens=10, repetition_penalty=1.0,
-                             suppress_tokens=[], eos_token_id=[tokenizer.im_end_id], pad_token_id=tokenizer.pad_token_id)
+                             suppress_tokens=[], eos_token_id=[tokenizer.im_end_id],
+                             pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
         expected = ours.model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, generation_config=plain)
         got = hf_model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, generation_config=plain)
@@ -284,7 +286,8 @@ def check_processor_ids_and_pixels(ours: Ours, processor, name: str) -> None:
 
 def check_whole_conversation(ours: Ours, processor) -> None:
     """Without a generation prompt, a conversation ending with an answer is our training sequence's input_ids."""
-    turns = [{"role": "user", "content": query_with_images("What is it?", 1)}, {"role": "assistant", "content": "A cat."},
+    turns = [{"role": "user", "content": query_with_images("What is it?", 1)},
+             {"role": "assistant", "content": "A cat."},
              {"role": "user", "content": "这是什么颜色？"}, {"role": "assistant", "content": "红色。"}]
     messages = [{"role": "user", "content": content("What is it?", IMAGES[:1])}, *turns[1:]]
     ids = processor.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"][0]

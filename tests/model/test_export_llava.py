@@ -161,7 +161,9 @@ def test_image_processor_equals_our_preprocessing(ours, processor, mode):
     helpers.check_image_processor(ours, processor, mode)
 
 
-@pytest.mark.parametrize("typed", ["<|im_end|>", "<|im_start|>system\nx", "<|endoftext|>", "<|extra_0|>", "<|extra_137|>"])
+@pytest.mark.parametrize(
+    "typed", ["<|im_end|>", "<|im_start|>system\nx", "<|endoftext|>", "<|extra_0|>", "<|extra_137|>"]
+)
 def test_chat_template_refuses_special_token_text(processor, typed):
     helpers.check_refuses_special_text(processor, typed)
 
@@ -175,13 +177,15 @@ def test_documented_difference_leading_line_break(ours, processor):
     """The one documented difference: text starting with a line break joins the "\\n" after the role name."""
     tokenizer = ours.tokenizer
     text = "\nWhat is it?"
-    got = processor.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)[0]
+    got = processor.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True)[0]
     expected = build_prompt_ids(tokenizer, text, [], ours.config.system_prompt, ours.config.vision.num_image_tokens)
     assert got != expected and tokenizer.decode(got) == tokenizer.decode(expected)
 
 
 def test_sanitized_chat_template_gives_the_same_ids(processor):
-    messages = [{"role": "user", "content": [{"type": "image", "image": helpers.IMAGES[0]}, {"type": "text", "text": "Hi?"}]}]
+    messages = [{"role": "user", "content": [{"type": "image", "image": helpers.IMAGES[0]},
+                                             {"type": "text", "text": "Hi?"}]}]
     plain, sanitized = (processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                       return_dict=True, sanitize_control_tokens=flag)["input_ids"]
                         for flag in (False, True))
@@ -273,7 +277,8 @@ def test_rebuilt_merges_reach_every_token_of_the_real_vocab(real_tokenizer_dir):
 
 def test_tokenizer_normalises_like_ours(real_fast_tokenizer, tok_real):
     text = "e\u0301\u212b"
-    assert real_fast_tokenizer.encode(text, add_special_tokens=False) == tok_real.encode(unicodedata.normalize("NFC", text))
+    assert real_fast_tokenizer.encode(text, add_special_tokens=False) == tok_real.encode(
+        unicodedata.normalize("NFC", text))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,7 +316,8 @@ def test_bad_input_is_one_line_and_status_2(bundle, exported, tmp_path, capsys):
         assert code == 2 and err.count("\n") == 1 and err.startswith("export: error: ") and message in err, (extra, err)
     assert {p.name: p.stat().st_mtime_ns for p in exported.iterdir()} == before
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me" and not (bundle / "inside").exists()
-    code = export_main(["--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "y"), "--format", "llava"])
+    code = export_main(["--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "y"),
+                        "--format", "llava"])
     assert code == 2 and not (tmp_path / "y").exists()
 
 
@@ -321,6 +327,7 @@ def test_exported_folder_can_be_moved(exported, tmp_path):
     shutil.copytree(exported, moved)
     for path in moved.iterdir():
         if path.suffix in (".json", ".md", ".jinja"):
-            assert str(exported) not in path.read_text() and "tiny-qwen" not in path.read_text().replace("`tiny-qwen`", "")
+            text = path.read_text()
+            assert str(exported) not in text and "tiny-qwen" not in text.replace("`tiny-qwen`", "")
     AutoProcessor.from_pretrained(moved)
     AutoModelForImageTextToText.from_pretrained(moved)

@@ -166,7 +166,8 @@ def test_only_lora_and_projector_require_grad(tiny_llm_dir, tiny_clip_dir):
     assert "projector.linear_2.weight" in trainable
     targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if "lora_" in n}
     assert targets == {"c_attn", "c_proj", "w1", "w2"}
-    assert sum("mlp.c_proj.lora_A" in n for n in trainable) == 2 and sum("attn.c_proj.lora_A" in n for n in trainable) == 2
+    assert sum("mlp.c_proj.lora_A" in n for n in trainable) == 2
+    assert sum("attn.c_proj.lora_A" in n for n in trainable) == 2
 
 
 def _trained_bundle(tiny_llm_dir, tiny_clip_dir, folder, train_embeddings=False):
@@ -189,7 +190,8 @@ def test_bundle_reloads_to_equal_logits(tiny_llm_dir, tiny_clip_dir, tmp_path, n
         expected = trained(input_ids=ids, pixel_values=pix).logits
         for merge in (False, True):
             again, cfg = load_vlm(tmp_path / "b", merge_lora=merge)
-            torch.testing.assert_close(again.eval()(input_ids=ids, pixel_values=pix).logits, expected, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(again.eval()(input_ids=ids, pixel_values=pix).logits, expected,
+                                       atol=1e-5, rtol=1e-4)
     assert cfg.system_prompt == "You are a test." and cfg.vision.num_image_tokens == n_img
     assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
@@ -208,7 +210,8 @@ def test_adapter_loads_on_plain_qwen_with_peft(tiny_llm_dir, tiny_clip_dir, tmp_
 
 def test_merged_export_equals_adapter_and_loads_without_peft(tiny_llm_dir, tiny_clip_dir, tmp_path, n_img):
     trained = _trained_bundle(tiny_llm_dir, tiny_clip_dir, tmp_path / "b", train_embeddings=True)
-    assert export_main(["--checkpoint", str(tmp_path / "b"), "--output", str(tmp_path / "out"), "--max-shard-gb", "0.01"]) == 0
+    assert export_main(["--checkpoint", str(tmp_path / "b"), "--output", str(tmp_path / "out"),
+                        "--max-shard-gb", "0.01"]) == 0
     out = tmp_path / "out"
     assert (out / "model.safetensors.index.json").is_file() and not (out / "adapter_config.json").exists()
     assert json.loads((out / "config.json").read_text()) == json.loads((tiny_llm_dir / "config.json").read_text())

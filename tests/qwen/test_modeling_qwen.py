@@ -206,7 +206,8 @@ def test_sampling_with_and_without_cache_agree(model):
     torch.manual_seed(0)
     a = model.generate(x, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0, eos_token_id=None)
     torch.manual_seed(0)
-    b = model.generate(x, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0, eos_token_id=None, use_cache=False)
+    b = model.generate(x, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0, eos_token_id=None,
+                       use_cache=False)
     assert torch.equal(a, b)
 
 
@@ -253,7 +254,8 @@ def test_save_and_load_round_trip(model, tmp_path):
 def test_sharded_checkpoint_loads_the_same(model, tmp_path, byte_vocab_file):
     sd = random_qwen_state_dict(tiny_qwen_config(vocab_size=VOCAB, seq_length=SEQ_LENGTH), seed=1, bias_std=0.05)
     path = write_tiny_qwen_checkpoint(
-        tmp_path / "sharded", state_dict=sd, num_shards=3, vocab_size=VOCAB, seq_length=SEQ_LENGTH, vocab_file=byte_vocab_file
+        tmp_path / "sharded", state_dict=sd, num_shards=3, vocab_size=VOCAB, seq_length=SEQ_LENGTH,
+        vocab_file=byte_vocab_file,
     )
     assert (path / "model.safetensors.index.json").is_file() and not (path / "model.safetensors").exists()
     sharded = QWenLMHeadModel.from_pretrained(path)
@@ -266,7 +268,8 @@ def test_official_config_fields_are_accepted(ckpt):
     cfg = QWenConfig.from_pretrained(ckpt)
     assert cfg.use_flash_attn == "auto" and cfg.seq_length == SEQ_LENGTH and cfg.no_bias is True
     legacy = QWenConfig(n_embd=64, n_head=4, n_layer=3, ffn_hidden_size=128)
-    assert (legacy.hidden_size, legacy.num_attention_heads, legacy.num_hidden_layers, legacy.intermediate_size) == (64, 4, 3, 128)
+    shape = (legacy.hidden_size, legacy.num_attention_heads, legacy.num_hidden_layers, legacy.intermediate_size)
+    assert shape == (64, 4, 3, 128)
 
 
 def test_missing_folder_and_files_are_clear_errors(ckpt, tmp_path):
@@ -302,7 +305,8 @@ def test_missing_and_unexpected_tensors_are_named(ckpt, tmp_path):
     missing = _copy_with(ckpt, tmp_path / "missing", edit_weights=lambda sd: sd.pop("transformer.h.1.ln_2.weight"))
     with pytest.raises(ValueError, match=r"missing tensors.*transformer\.h\.1\.ln_2\.weight"):
         QWenLMHeadModel.from_pretrained(missing)
-    extra = _copy_with(ckpt, tmp_path / "extra", edit_weights=lambda sd: sd.update({"transformer.h.0.attn.extra": torch.zeros(2)}))
+    extra = _copy_with(ckpt, tmp_path / "extra",
+                       edit_weights=lambda sd: sd.update({"transformer.h.0.attn.extra": torch.zeros(2)}))
     with pytest.raises(ValueError, match=r"unexpected tensors.*transformer\.h\.0\.attn\.extra"):
         QWenLMHeadModel.from_pretrained(extra)
 

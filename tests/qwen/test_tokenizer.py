@@ -348,7 +348,8 @@ def test_tiny_vocab_is_a_valid_bpe():
         if len(token) == 1:
             continue
         # made of two earlier tokens, and tiktoken's own merge loop reaches exactly this token
-        assert any(ranks.get(token[:k], rank) < rank and ranks.get(token[k:], rank) < rank for k in range(1, len(token)))
+        assert any(ranks.get(token[:k], rank) < rank and ranks.get(token[k:], rank) < rank
+                   for k in range(1, len(token)))
         assert tiktoken._educational.bpe_encode(ranks, token, visualise=None) == [rank]
 
 

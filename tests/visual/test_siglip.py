@@ -150,7 +150,8 @@ def test_loads_shards_written_by_the_tiny_writer(ckpt, tmp_path):
     assert sorted(set(index["weight_map"].values())) == shards
     assert set(index["weight_map"]) == set(load_file(ckpt / "model.safetensors"))
     pixels = pixels_for(IMAGE_SIZE)
-    assert torch.equal(SiglipVisionTower.from_pretrained(sharded)(pixels), SiglipVisionTower.from_pretrained(ckpt)(pixels))
+    assert torch.equal(SiglipVisionTower.from_pretrained(sharded)(pixels),
+                       SiglipVisionTower.from_pretrained(ckpt)(pixels))
 
     (sharded / shards[-1]).unlink()
     with pytest.raises(CheckpointError, match=rf"shard {re.escape(shards[-1])} .* is missing"):
@@ -184,7 +185,8 @@ def test_error_mis_shaped_missing_and_unexpected_tensor(ckpt, tmp_path):
 
     name = "vision_model.embeddings.position_embedding.weight"
     save_file(dict(good, **{name: torch.zeros(9, HIDDEN)}), folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match=rf"{folder}: tensor {name} .*shape \[9, {HIDDEN}\].*needs \[16, {HIDDEN}\]"):
+    with pytest.raises(CheckpointError,
+                       match=rf"{folder}: tensor {name} .*shape \[9, {HIDDEN}\].*needs \[16, {HIDDEN}\]"):
         SiglipVisionTower.from_pretrained(folder)
 
     save_file(dict(good, **{"vision_model.embeddings.class_embedding": torch.zeros(HIDDEN)}),

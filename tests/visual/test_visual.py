@@ -1,5 +1,6 @@
 """visual: tower parity with transformers' CLIPVisionModel, freezing, loud loading, the tiny checkpoint
-format, preprocessing parity with CLIPImageProcessorPil, image modes and EXIF through load_image and the preprocessor."""
+format, preprocessing parity with CLIPImageProcessorPil, image modes and EXIF through load_image and the
+preprocessor."""
 
 from __future__ import annotations
 
