@@ -367,19 +367,36 @@ def test_generation_skips_and_counts_samples_whose_image_cannot_be_loaded(bundle
     assert "Traceback" not in refused.stderr and not (tmp_path / "x").exists()
 
 
-def test_cli_errors_are_one_line(tmp_path, bundle):
+def run_in_process(args, capsys, monkeypatch) -> tuple[int, str]:
+    """evaluate.main(args) from the checkout root, as `python evaluate.py ARGS` runs it: (exit status, stderr)."""
+    import evaluate
+
+    monkeypatch.chdir(ROOT)
+    try:
+        code = evaluate.main(args)
+    except SystemExit as e:  # argparse's errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_errors_are_one_line(tmp_path, bundle, capsys, monkeypatch):
+    """Each bad input: exit status 2 and one line naming it. In-process (the same main as the command; the
+    subprocess case below checks the command's own exit status and stderr)."""
     for args, message in [
         (["--predictions", str(tmp_path / "none.jsonl")], "predictions file not found"),
         (["--predictions", "x.jsonl", "--checkpoint", "b"], "--checkpoint does not apply"),
         (["--checkpoint", str(tmp_path), "--data", "x.jsonl"], "not a checkpoint folder"),
         (["--checkpoint", str(bundle), "--data", str(tmp_path / "none.jsonl")], "data file not found"),
         (["--limit", "0"], "--limit: must be at least 1"),
-        (["--predict", "x.jsonl"], "unrecognized arguments: --predict"),
     ]:
-        result = run("evaluate.py", *args)
-        assert result.returncode == 2, args
-        assert result.stderr.startswith("evaluate.py: error: ") and message in result.stderr, (args, result.stderr)
-        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        code, err = run_in_process(args, capsys, monkeypatch)
+        assert code == 2, args
+        assert err.startswith("evaluate.py: error: ") and message in err, (args, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    result = run("evaluate.py", "--predict", "x.jsonl")
+    assert result.returncode == 2
+    assert result.stderr.startswith("evaluate.py: error: ") and "unrecognized arguments: --predict" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
 # ------------------------------------------------------------------------------------------------ training
