@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -86,14 +87,33 @@ def test_the_extraction_finds_the_documented_commands():
     assert command_lines(text) == ["bash train.sh", "python x.py --a 1", "python -m y.z", "python w.py --b --c"]
 
 
-@pytest.mark.parametrize("name", sorted(PROGRAMS), ids=[" ".join(p) for p in sorted(PROGRAMS)])
-def test_documented_command_prints_its_help_as_typed(name):
-    if name in NOT_RUN:
-        pytest.skip(NOT_RUN[name])
+def run_help(name: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """`name --help` from the checkout root, in a subprocess, as typed."""
     interpreter, *target = name
     argv = [sys.executable if interpreter == "python" else "bash", *target, "--help"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.fixture(scope="module")
+def help_runs(request):
+    """{program: the Future of its `--help` run}, for the programs this session's tests ask about, all queued at
+    once and run as many at a time as this process may use CPUs (at most 4, each interpreter takes memory): most
+    of a run is a new interpreter's imports, and one at a time would leave the other cores idle."""
+    test = "test_documented_command_prints_its_help_as_typed"
+    selected = sorted({item.callspec.params["name"] for item in request.session.items
+                       if getattr(item, "originalname", None) == test and item.module.__name__ == __name__}
+                      - set(NOT_RUN))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=min(cpus, 4)) as pool:
+        yield {name: pool.submit(run_help, name) for name in selected}
+
+
+@pytest.mark.parametrize("name", sorted(PROGRAMS), ids=[" ".join(p) for p in sorted(PROGRAMS)])
+def test_documented_command_prints_its_help_as_typed(name, help_runs):
+    if name in NOT_RUN:
+        pytest.skip(NOT_RUN[name])
+    result = help_runs[name].result()
     assert result.returncode == 0, f"{' '.join(name)} --help: exit {result.returncode}\n{result.stderr[-3000:]}"
     assert "usage:" in result.stdout.lower(), result.stdout[-2000:]
     documented_flags = {flag for line in PROGRAMS[name] for flag in _FLAG.findall(line.split(": ", 1)[1])}
