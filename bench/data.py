@@ -42,7 +42,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from bench.harness import device_name, emit
-from dataprocess.features import FeatureCache, build_feature_cache
 from dataprocess.pipeline import check_images
 from dataset.conversation import encode_conversation
 from dataset.dataset import DataCollator, SupervisedDataset
@@ -51,7 +50,6 @@ from qwen import DEFAULT_SYSTEM as SYSTEM
 from qwen import IMAGE_TAG, QWenTokenizer
 from qwen.published_vocab import published_or_tiny_vocab
 from visual.images import ImagePreprocessor, load_image
-from visual.tiny_clip import write_tiny_clip_checkpoint
 
 NUM_IMAGE_TOKENS = 256  # ViT-L/14 at 224 px
 WORDS = ["the", "a", "man", "woman", "dog", "cat", "is", "are", "standing", "sitting", "near", "on", "under", "table", "with", "red", "blue", "green", "car", "street", "people", "image", "shows", "what", "why", "how", "could", "this", "that", "because", "of", "and", "in", "to", "it", "may", "be", "likely"]
@@ -163,6 +161,9 @@ def bench_loader(dataset: SupervisedDataset, workers: list[int], batch_size: int
 
 def write_stand_in_cache(folder: Path, images: list[str]) -> Path:
     """A feature cache of the real shape ([256, 1024] bf16 per image) from a CLIP that only embeds patches."""
+    # transformers' models load here, not at the top: seconds that --help does without
+    from dataprocess.features import build_feature_cache
+    from visual.tiny_clip import write_tiny_clip_checkpoint
 
     clip = write_tiny_clip_checkpoint(folder / "clip", image_size=224, patch_size=14, hidden_size=1024,
                                       intermediate_size=64, num_hidden_layers=1, num_attention_heads=16)
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
         write_llava_jsonl(tmp / "train.jsonl", images, args.samples, args.seed)
         common = dict(num_image_tokens=NUM_IMAGE_TOKENS, system=SYSTEM, max_length=2048, seed=args.seed)
+        from dataprocess.features import FeatureCache
+
         pixels = SupervisedDataset(tmp / "train.jsonl", tokenizer, ImagePreprocessor(), **common)
         cache = FeatureCache(write_stand_in_cache(tmp, images))
         features = SupervisedDataset(tmp / "train.jsonl", tokenizer, None, feature_loader=cache, **common)

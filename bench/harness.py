@@ -19,17 +19,19 @@ import resource
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import peft
 import torch
-import transformers
 
 from llm import TextFamily, family_named
 from llm.quantization import NONE
 from llm.tiny import tiny_qwen2_config, write_qwen2_tokenizer_files
-from model import VisionLanguageModel
-from visual.towers import TOWERS
+
+if TYPE_CHECKING:
+    from model import VisionLanguageModel
+
+# peft, transformers' models and the project's model load where a benchmark builds one, so that each command's
+# --help (and its argument checks) come before those seconds of imports.
 
 FEATURE_LAYER = -2  # build_vlm's default: the penultimate layer (LLaVA's choice, for CLIP and SigLIP alike)
 
@@ -137,6 +139,9 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def versions() -> dict:
+    import peft
+    import transformers
+
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version()}
 
@@ -161,11 +166,15 @@ def _language_model(family: TextFamily, spec: LLMSpec, dtype: torch.dtype) -> to
         from qwen import QWenConfig, QWenLMHeadModel
 
         return QWenLMHeadModel(QWenConfig(**spec.config))
+    import transformers
+
     config = transformers.AutoConfig.for_model(**spec.config)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _tower_class(name: str):
+    from visual.towers import TOWERS
+
     for tower in TOWERS:
         if tower.family == name:
             return tower
@@ -178,6 +187,8 @@ def build_random_vlm(llm: str, vision: str, device: torch.device, dtype: torch.d
     `device` in `dtype` (the projector fp32, as in training), `text_family` and `image_token` set as build_vlm
     sets them. With `quantization` "nf4", the LLM is written to a temporary folder and loaded back the way a real
     checkpoint loads in 4-bit (`TextFamily.load_model`), onto the current GPU (or the CPU)."""
+    from model import VisionLanguageModel
+
     llm_spec, vision_spec = LLMS[llm], VISIONS[vision]
     family = family_named(llm_spec.family)
     tower_class = _tower_class(vision_spec.family)

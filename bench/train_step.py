@@ -41,7 +41,6 @@ from bench.harness import (
     versions,
 )
 from llm.quantization import NONE, QUANTIZATIONS
-from model import apply_lora
 
 TEXT_TOKENS = 246  # text after the image by default: 10 + 256 + 246 = 512 tokens a sample with CLIP ViT-L/14
 
@@ -69,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
         check_sample_length(seq_len, vision, "--seq-len")
     except ValueError as e:
         parser.error(str(e))
+    from model import apply_lora  # peft and transformers' models: seconds, after the arguments are checked
+
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)

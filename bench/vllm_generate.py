@@ -33,18 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoProcessor, CLIPVisionConfig
 
 from bench import generate as bench_generate
 from bench.harness import SIZES, emit
 from common.fileio import write_json, write_text
 from demo.check_export import default_vllm_python, vllm_missing
-from llm.qwen1 import qwen2_text_config
-from model.export_llava import llava_config, write_processing_files
-from qwen import DEFAULT_SYSTEM, QWenConfig, QWenTokenizer
-from qwen.fast_tokenizer import build_fast_tokenizer
+from qwen import DEFAULT_SYSTEM, QWenTokenizer
 from qwen.published_vocab import published_or_tiny_vocab
-from visual import CLIPVisionTower, ImagePreprocessor, num_image_tokens
+from visual import ImagePreprocessor
 
 TIMING_SIDE = Path(__file__).resolve().parent / "vllm_timing.py"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -53,6 +49,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 def write_model_folder(size: str, folder: Path, dtype: torch.dtype) -> tuple[Path, int]:
     """A `--format llava` export of the named size without weights (see the module docstring), and its image
     token count."""
+    # transformers' models load here, not at the top: seconds that --help and the vLLM check do without
+    from transformers import CLIPVisionConfig
+
+    from llm.qwen1 import qwen2_text_config
+    from model.export_llava import llava_config, write_processing_files
+    from qwen import QWenConfig
+    from qwen.fast_tokenizer import build_fast_tokenizer
+    from visual import CLIPVisionTower, num_image_tokens
+
     spec = SIZES[size]
     qwen = QWenConfig(**spec["qwen"])
     vision = CLIPVisionConfig(**spec["clip"])
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     if missing:
         print(f"vllm_generate: error: {missing}", file=sys.stderr)
         sys.exit(2)
+    from transformers import AutoProcessor
 
     with tempfile.TemporaryDirectory(prefix="vllm-bench-") as tmp:
         tmp = Path(tmp)

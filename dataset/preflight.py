@@ -19,7 +19,6 @@ from dataprocess.schema import read_samples
 from dataset.conversation import IGNORE_INDEX, EncodedConversation, SampleTooLongError, encode_conversation
 from llm import ChatTokenizer, load_tokenizer
 from settings import ConfigError
-from visual import num_image_tokens, vision_config
 
 SUPERVISED_OPEN, SUPERVISED_CLOSE = "⟦", "⟧"
 
@@ -71,6 +70,7 @@ def preflight(config: str, split: str = "train", index: int = 0, check: int | No
     # The whole config as train.py reads it: every section typed, the training section's keys and values checked
     # against TrainArguments (this imports transformers: seconds).
     from settings.training import parse_train_args
+    from visual import num_image_tokens, vision_config  # the towers' configs: transformers too
 
     loaded = parse_train_args(["--config", str(config)]).config
     model_config, data_config = loaded.require("model"), loaded.require("data")

@@ -29,17 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from common.fileio import write_json
 from common.paths import created_by, is_within, mark_created
-from demo.pretrain import pretrain_clip, pretrain_text, vocab_corpus
 from demo.synthetic import write_demo_raw_data
 from qwen import QWenTokenizer
-from qwen.tiny import random_qwen_state_dict, tiny_qwen_config, write_tiny_qwen_checkpoint
 from qwen.tiny_vocab import write_tiny_vocab
 from settings import ConfigError, DemoConfig, load_config
-from visual import write_tiny_clip_checkpoint
 
 STAMP = "prepared.json"
 REPORT = "prepare_report.json"  # seconds per part, final losses, the text pretraining's answers (bench/demo_seeds.py)
@@ -89,6 +84,14 @@ def prepare(demo: DemoConfig, *, force: bool = False, inputs: tuple[Path, ...] =
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     mark_created(work, CREATED_BY)
+    # torch and transformers' models load only now: --help, a refused workdir and a workdir already prepared
+    # with these settings answer without those seconds of imports
+    import torch
+
+    from demo.pretrain import pretrain_clip, pretrain_text, vocab_corpus
+    from qwen.tiny import random_qwen_state_dict, tiny_qwen_config, write_tiny_qwen_checkpoint
+    from visual.tiny_clip import write_tiny_clip_checkpoint
+
     torch.manual_seed(demo.seed)
     started = time.time()
     report = {"seconds": {}}

@@ -41,9 +41,10 @@ from common.paths import is_within
 from llm.quantization import NONE
 from qwen.checkpoint import INDEX_FILE, SINGLE_FILE, save_sharded_safetensors
 
-from .bundle import PROJECTOR_FILE, load_vlm
 from .config import VLMConfig
-from .export_llava import write_llava
+
+# .bundle (peft) and .export_llava (transformers' models) load where an export runs: seconds that --help and the
+# argument checks do without.
 
 BASE_FILES = ("config.json", "generation_config.json", "qwen.tiktoken", "tokenizer_config.json")
 AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")  # may name remote code files in `auto_map`
@@ -108,6 +109,8 @@ def _load_merged(checkpoint: Path):
     """The model of `checkpoint` with its LoRA folded in, and its bundle config. Merged in fp32, whatever the base
     dtype, so the fold-in adds no rounding of its own, into the original base weights read from the base folder
     even when the bundle was trained on 4-bit ones (QLoRA), never into their dequantised 4-bit values."""
+    from .bundle import load_vlm
+
     return load_vlm(checkpoint, dtype=torch.float32, merge_lora=True, quantization=NONE)
 
 
@@ -125,6 +128,8 @@ def export_merged(
     overwrite: bool = False,
 ) -> Path:
     """The merged folder of a bundle in the official Qwen-7B layout (module docstring), written whole."""
+    from .bundle import PROJECTOR_FILE
+
     checkpoint, output = Path(checkpoint), Path(output)
     family = VLMConfig.load(checkpoint).text.family
     if family != "qwen":
@@ -170,6 +175,8 @@ def export_llava(
 ) -> Path:
     """The transformers-native LLaVA folder of a bundle (model/export_llava.py), written whole. `dtype` defaults
     to the base language model checkpoint's (bf16 for Qwen-7B-Chat and the published Qwen2.5 / Qwen3)."""
+    from .export_llava import write_llava
+
     checkpoint, output = Path(checkpoint), Path(output)
     llm_path, vision_path = _base_folders(checkpoint, output)
     with owned_folder(output, CREATED_BY, overwrite=overwrite, say=_say) as staging:

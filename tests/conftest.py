@@ -55,6 +55,23 @@ def tok_real_reference(tok_make_reference, tok_real_vocab_file):
 
 
 @pytest.fixture(scope="session")
+def tok_real_qwen2_tokenizer_dir(tmp_path_factory, tok_real_vocab_file):
+    """folder(family): the tokenizer files of "qwen2.5" or "qwen3" built from the real qwen.tiktoken, each family
+    written once a session (seconds each: the 151,643 ranks are spelled out into tokenizer.json). Read-only."""
+    from llm.tiny import write_qwen2_tokenizer_files
+
+    folders = {}
+
+    def folder(family: str):
+        if family not in folders:
+            folders[family] = tmp_path_factory.mktemp(f"{family}-real-tokenizer")
+            write_qwen2_tokenizer_files(folders[family], family, vocab_file=tok_real_vocab_file)
+        return folders[family]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tok_real(tok_real_vocab_file):
     from qwen.tokenization_qwen import QWenTokenizer
 

@@ -20,6 +20,7 @@ import re
 import shlex
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -90,13 +91,21 @@ def module_form(name: tuple[str, ...]) -> tuple[str, ...]:
     return name
 
 
-@functools.cache
-def help_result(name: tuple[str, ...]) -> subprocess.CompletedProcess:
-    """`<command> --help` run as typed from the checkout root (once per session, whichever test asks first)."""
+_STARTED: dict[tuple[str, ...], Future] = {}  # the runs the help_runs fixture started
+
+
+def run_help(name: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """`<command> --help` run as typed from the checkout root, in a subprocess."""
     interpreter, *target = name
     argv = [sys.executable if interpreter == "python" else "bash", *target, "--help"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+@functools.cache
+def help_result(name: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """`<command> --help` (`run_help`), once per session: the run help_runs started, else one now."""
+    return _STARTED[name].result() if name in _STARTED else run_help(name)
 
 
 def help_options(help_text: str) -> list[str]:
@@ -158,6 +167,27 @@ def test_the_extraction_finds_the_documented_commands():
     text = "```bash\nCONFIG=c.yaml bash train.sh   # a comment --no-flag\n  python x.py --a 1 && python -m y.z\n```\n" \
            "and `python w.py --b\n  --c` inline"
     assert command_lines(text) == ["bash train.sh", "python x.py --a 1", "python -m y.z", "python w.py --b --c"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def help_runs(request):
+    """The `--help` runs this session's tests of this module ask for, all started at once and run as many at a
+    time as this process may use CPUs (at most 4: each interpreter takes memory): most of a run is a new
+    interpreter's imports, and one at a time would leave the other cores idle. `help_result` then waits for them."""
+    wanted = set()
+    for item in request.session.items:
+        if getattr(item, "module", None) is None or item.module.__name__ != __name__ or not hasattr(item, "callspec"):
+            continue
+        name = item.callspec.params.get("name")
+        if getattr(item, "originalname", None) == "test_documented_command_prints_its_help_as_typed":
+            wanted.add(name)
+        elif getattr(item, "originalname", None) == "test_every_help_option_is_in_the_reference":
+            wanted.add(our_programs()[name])
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=min(cpus, 4)) as pool:
+        _STARTED.update({name: pool.submit(run_help, name) for name in sorted(wanted - set(NOT_RUN))})
+        yield
+        _STARTED.clear()
 
 
 @pytest.mark.parametrize("name", sorted(PROGRAMS), ids=[" ".join(p) for p in sorted(PROGRAMS)])

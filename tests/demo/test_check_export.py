@@ -61,12 +61,17 @@ def answering_bundle(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exports(answering_bundle):
-    """The bundle exported in fp32 and in bf16."""
+    """exports(dtype): the bundle's export in "fp32" or "bf16", written when a test first asks for it (the bf16 one
+    only the vLLM tests read)."""
     folder = answering_bundle.parent / "exports"
-    for dtype in ("fp32", "bf16"):
-        assert export_main(["--checkpoint", str(answering_bundle), "--output", str(folder / dtype), "--format", "llava",
-                            "--dtype", dtype]) == 0
-    return folder
+
+    def export(dtype: str) -> Path:
+        if not (folder / dtype).is_dir():
+            assert export_main(["--checkpoint", str(answering_bundle), "--output", str(folder / dtype), "--format",
+                                "llava", "--dtype", dtype]) == 0
+        return folder / dtype
+
+    return export
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +108,7 @@ def _assert_all_same(code: int, out: str, engine: str) -> None:
 
 
 def test_answers_of_infer_and_of_the_export_are_identical(answering_bundle, exports, images, capfd):
-    code, out, difference = _check(answering_bundle, exports / "fp32", images, capfd)
+    code, out, difference = _check(answering_bundle, exports("fp32"), images, capfd)
     _assert_all_same(code, out, "transformers")
     assert difference < 1e-4, out  # fp32 on both sides
 
@@ -125,7 +130,7 @@ def test_a_changed_export_is_reported_as_different(answering_bundle, exports, im
 
     changed = tmp_path / "changed"
     changed.mkdir()
-    for path in (exports / "fp32").iterdir():
+    for path in exports("fp32").iterdir():
         (changed / path.name).write_bytes(path.read_bytes())
     weights = changed / "model.safetensors"
     tensors = load_file(weights)
@@ -150,7 +155,7 @@ def vllm_python() -> str:
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_vllm_answers_like_infer(vllm_python, answering_bundle, exports, images, capfd, dtype):
     """vLLM's LLM.chat on the export, in vLLM's own environment, gives infer.py's answers (fp32 and bf16)."""
-    code, out, difference = _check(answering_bundle, exports / dtype, images, capfd, "--engine", "vllm",
+    code, out, difference = _check(answering_bundle, exports(dtype), images, capfd, "--engine", "vllm",
                                    "--vllm-python", vllm_python)
     _assert_all_same(code, out, "vllm")
     assert difference < (1e-4 if dtype == "fp32" else 0.5), out  # bf16 weights and arithmetic against our fp32

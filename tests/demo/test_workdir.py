@@ -26,7 +26,7 @@ def stop_at_first_step(monkeypatch, tmp_path):
     def first_step(*args, **kwargs):
         raise FirstStepError()
 
-    monkeypatch.setattr(prepare_module, "write_tiny_clip_checkpoint", first_step)
+    monkeypatch.setattr("visual.tiny_clip.write_tiny_clip_checkpoint", first_step)  # what prepare() imports
     # A safety net for this test itself: whatever the code under test does, nothing outside tmp_path is deleted.
     real_rmtree = shutil.rmtree
 

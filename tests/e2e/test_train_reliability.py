@@ -39,6 +39,16 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
+def refused(argv: list[str], capfd) -> tuple[int, str]:
+    """train.py's main() in this process, for a run that must stop before training: (exit status, stderr). The
+    status is the one `python train.py` exits with; in-process saves the seconds of a new interpreter's imports."""
+    import train
+
+    capfd.readouterr()
+    code = train.main(argv)
+    return code, capfd.readouterr().err
+
+
 def weights(folder: Path) -> dict:
     return {**load_file(str(folder / "adapter_model.safetensors")), **load_file(str(folder / "projector.safetensors"))}
 
@@ -73,7 +83,7 @@ def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(pro
     assert (crashed / "checkpoint-4" / "checkpoint_complete.json").is_file()
 
 
-def test_a_previous_run_is_replaced_only_with_consent(project, tmp_path):
+def test_a_previous_run_is_replaced_only_with_consent(project, tmp_path, capfd):
     out = tmp_path / "out"
     (out / "checkpoint-9").mkdir(parents=True)
     (out / "checkpoint-9" / "vlm_config.json").write_text("{}")
@@ -84,9 +94,9 @@ def test_a_previous_run_is_replaced_only_with_consent(project, tmp_path):
     command = ["train.py", "--config", str(project / "config.yaml"), "--output_dir", str(out), "--max_steps", "2",
                "--save_steps", "2", "--logging_steps", "1"]
 
-    refused = run(*command)
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert f"output_dir {out} is not empty (checkpoint-9, demo_eval.json, eval_results.json, notes.txt)" in refused.stderr
+    code, err = refused(command[1:], capfd)
+    assert code == 2 and "Traceback" not in err
+    assert f"output_dir {out} is not empty (checkpoint-9, demo_eval.json, eval_results.json, notes.txt)" in err
     assert sorted(p.name for p in out.rglob("*")) == before
 
     replaced = run(*command, "--overwrite_output_dir")
@@ -99,7 +109,7 @@ def test_a_previous_run_is_replaced_only_with_consent(project, tmp_path):
     assert "stale" not in (out / "eval_results.json").read_text()
 
 
-def test_a_resume_refuses_settings_that_the_checkpoint_would_override(project, tmp_path):
+def test_a_resume_refuses_settings_that_the_checkpoint_would_override(project, tmp_path, capfd):
     out = tmp_path / "out"
     command = ["train.py", "--config", str(project / "config.yaml"), "--output_dir", str(out), "--save_steps", "2",
                *FAST]
@@ -109,14 +119,15 @@ def test_a_resume_refuses_settings_that_the_checkpoint_would_override(project, t
     resume = [*command, "--max_steps", "4", "--resume_from_checkpoint", "latest"]  # a longer run: that applies
 
     # the config trained at 5e-3 (LoRA) and 1e-2 (projector), no weight decay, a log line every step
-    faster = run(*resume, "--learning_rate", "5e-2")  # the issue's LR=5e-2 (train.sh passes it on as this flag)
-    assert faster.returncode == 2 and "Traceback" not in faster.stderr
+    code, err = refused([*resume[1:], "--learning_rate", "5e-2"], capfd)  # the issue's LR=5e-2 (train.sh's flag)
+    assert code == 2 and "Traceback" not in err
     assert (f"train.py: error: cannot resume from {out / 'checkpoint-2'} with learning_rate 0.05 (the checkpoint's: "
-            "0.005): a resume restores these from the checkpoint") in faster.stderr
-    several = run(*resume, "--projector_learning_rate", "0.5", "--weight_decay", "0.1", "--logging_steps", "2")
-    assert several.returncode == 2
+            "0.005): a resume restores these from the checkpoint") in err
+    code, err = refused([*resume[1:], "--projector_learning_rate", "0.5", "--weight_decay", "0.1", "--logging_steps",
+                         "2"], capfd)
+    assert code == 2
     assert ("with projector_learning_rate 0.5 (the checkpoint's: 0.01), weight_decay 0.1 (the checkpoint's: 0), "
-            "logging_steps 2 (the checkpoint's: 1):") in several.stderr
+            "logging_steps 2 (the checkpoint's: 1):") in err
     assert sorted(p.name for p in out.rglob("*")) == before  # nothing trained, nothing written
 
 
@@ -131,7 +142,7 @@ def write_rows(path: Path, samples: list[dict]) -> Path:
 
 # (a wrong-typed config value: tests/settings/test_training_args.py, in-process)
 @pytest.mark.parametrize("case", ["output_dir_is_a_file", "every_image_missing", "unsupported_option"])
-def test_bad_training_input_is_one_line(project, tmp_path, case):
+def test_bad_training_input_is_one_line(project, tmp_path, case, capfd):
     args = ["--config", str(project / "config.yaml"), "--output_dir", str(tmp_path / "out")]
     if case == "output_dir_is_a_file":
         (tmp_path / "out").write_text("")
@@ -144,10 +155,10 @@ def test_bad_training_input_is_one_line(project, tmp_path, case):
     else:
         args += ["--average_tokens_across_devices", "false"]
         expected = "average_tokens_across_devices: false is not supported"
-    result = run("train.py", *args)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert f"train.py: error: {expected}" in result.stderr
-    assert "Traceback" not in result.stderr and "usage:" not in result.stderr
+    code, err = refused(args, capfd)
+    assert code == 2, err[-3000:]
+    assert f"train.py: error: {expected}" in err
+    assert "Traceback" not in err and "usage:" not in err
     assert case == "output_dir_is_a_file" or not (tmp_path / "out").exists()
 
 

@@ -22,10 +22,7 @@ def llm_tiny_qwen3_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def llm_real_qwen2_5_tokenizer_dir(tmp_path_factory, tok_real_vocab_file):
-    """Qwen2.5's tokenizer files built from the real qwen.tiktoken (about 15 s: the merges are rebuilt)."""
-    from llm.tiny import write_qwen2_tokenizer_files
-
-    folder = tmp_path_factory.mktemp("qwen2.5-real-tokenizer")
-    write_qwen2_tokenizer_files(folder, "qwen2.5", vocab_file=tok_real_vocab_file)
-    return folder
+def llm_real_qwen2_5_tokenizer_dir(tok_real_qwen2_tokenizer_dir):
+    """Qwen2.5's tokenizer files built from the real qwen.tiktoken (about 15 s: the merges are rebuilt; shared with
+    tests/model through tests/conftest.py)."""
+    return tok_real_qwen2_tokenizer_dir("qwen2.5")

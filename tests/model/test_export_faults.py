@@ -183,7 +183,7 @@ def test_a_read_only_folder_is_one_message_before_the_model_loads(run_dir, tmp_p
 
     monkeypatch.setattr(os, "open", read_only_open)
     monkeypatch.setattr(os, "mkdir", read_only_mkdir)
-    monkeypatch.setattr("model.export.load_vlm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr("model.bundle.load_vlm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     assert export("--checkpoint", run_dir, "--output", out) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "Read-only file system: " in line and f"{out} is as it was" in line, line

@@ -20,7 +20,6 @@ import torch
 
 from inference.generation import allowed_token_mask
 from llm.qwen2_tokenizer import Qwen2Tokenizer
-from llm.tiny import write_qwen2_tokenizer_files
 from model.export import main as export_main
 from model.export_llava import suppressed_token_ids, unlisted_token_ids
 from model.llava_chat_template import chat_template
@@ -144,11 +143,10 @@ def test_suppress_tokens_lists_the_added_tokens_no_answer_holds(pair):
 
 
 @pytest.mark.parametrize("family", ["qwen2.5", "qwen3"])
-def test_suppress_tokens_with_the_published_vocabulary(family, tok_real_vocab_file, tmp_path):
+def test_suppress_tokens_with_the_published_vocabulary(family, tok_real_qwen2_tokenizer_dir):
     """With the published 151,643 ranks the list holds every id our generation never produces, none left out: 290
     of 151,936 rows (Qwen2.5-1.5B/3B, Qwen3), 418 of Qwen2.5-7B's 152,064."""
-    write_qwen2_tokenizer_files(tmp_path, family, vocab_file=tok_real_vocab_file)
-    tokenizer = Qwen2Tokenizer.from_pretrained(tmp_path)
+    tokenizer = Qwen2Tokenizer.from_pretrained(tok_real_qwen2_tokenizer_dir(family))
     for vocab_size, count in [(151936, 290), (152064, 418)]:
         never = (~allowed_token_mask(tokenizer, vocab_size)).nonzero().flatten().tolist()
         assert suppressed_token_ids(tokenizer, vocab_size) == never and len(never) == count
