@@ -52,7 +52,9 @@ from qwen.published_vocab import published_or_tiny_vocab
 from visual.images import ImagePreprocessor, load_image
 
 NUM_IMAGE_TOKENS = 256  # ViT-L/14 at 224 px
-WORDS = ["the", "a", "man", "woman", "dog", "cat", "is", "are", "standing", "sitting", "near", "on", "under", "table", "with", "red", "blue", "green", "car", "street", "people", "image", "shows", "what", "why", "how", "could", "this", "that", "because", "of", "and", "in", "to", "it", "may", "be", "likely"]
+WORDS = ["the", "a", "man", "woman", "dog", "cat", "is", "are", "standing", "sitting", "near", "on", "under", "table",
+         "with", "red", "blue", "green", "car", "street", "people", "image", "shows", "what", "why", "how", "could",
+         "this", "that", "because", "of", "and", "in", "to", "it", "may", "be", "likely"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,7 +91,8 @@ def write_llava_jsonl(path: Path, images: list[str], n: int, seed: int) -> None:
         for i in range(n):
             turns = [{"role": "user", "content": f"{IMAGE_TAG}\n{words(rng, 20, 60)}?"},
                      {"role": "assistant", "content": words(rng, 100, 400) + "."}]
-            f.write(json.dumps({"id": f"bench:{i}", "source": "bench", "images": [images[i % len(images)]], "turns": turns}) + "\n")
+            row = {"id": f"bench:{i}", "source": "bench", "images": [images[i % len(images)]], "turns": turns}
+            f.write(json.dumps(row) + "\n")
 
 
 def load_tokenizer() -> tuple[QWenTokenizer, str]:

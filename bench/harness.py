@@ -111,7 +111,8 @@ VISIONS: dict[str, VisionSpec] = {
 }
 
 # The older `--size` names: QWen v1 + CLIP pairs.
-SIZE_PAIRS = {"7b": ("qwen-7b", "clip-vit-l14"), "1.8b": ("qwen-1.8b", "clip-vit-l14"), "tiny": ("tiny-qwen", "tiny-clip")}
+SIZE_PAIRS = {"7b": ("qwen-7b", "clip-vit-l14"), "1.8b": ("qwen-1.8b", "clip-vit-l14"),
+              "tiny": ("tiny-qwen", "tiny-clip")}
 # The same pairs as QWenConfig / CLIPVisionConfig fields (bench.vllm_generate writes its folders from them).
 SIZES = {size: {"qwen": LLMS[llm].config, "clip": VISIONS[vision].config} for size, (llm, vision) in SIZE_PAIRS.items()}
 

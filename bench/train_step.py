@@ -4,7 +4,8 @@
     python -m bench.train_step --llm qwen2.5-7b --vision siglip-so400m --batch-size 8
     python -m bench.train_step --llm qwen-7b --vision clip-vit-l14 --batch-size 1 --gradient-checkpointing
     python -m bench.train_step --llm tiny-qwen2.5 --vision tiny-siglip --device cpu
-    python -m bench.train_step --llm qwen-7b --vision clip-vit-l14 --batch-size 1 --gradient-checkpointing --quantization nf4
+    python -m bench.train_step --llm qwen-7b --vision clip-vit-l14 --batch-size 1 --gradient-checkpointing \
+        --quantization nf4
 
 The pair is built with random weights in its published architecture (bench/harness.py: LLMS, VISIONS; `--size
 7b|1.8b|tiny` is the older name of a QWen v1 + CLIP pair). Each step is what the Trainer does for one batch: the

@@ -70,8 +70,8 @@ def write_model_folder(size: str, folder: Path, dtype: torch.dtype) -> tuple[Pat
     model_dir.mkdir()
     write_text(model_dir / "config.json", config.to_json_string())
     size_px = vision.image_size
-    write_processing_files(model_dir, tokenizer=tokenizer, tokenizer_json=build_fast_tokenizer(vocab).to_str(pretty=True),
-                           system_prompt=DEFAULT_SYSTEM,
+    tokenizer_json = build_fast_tokenizer(vocab).to_str(pretty=True)
+    write_processing_files(model_dir, tokenizer=tokenizer, tokenizer_json=tokenizer_json, system_prompt=DEFAULT_SYSTEM,
                            preprocessor=ImagePreprocessor(size=size_px, crop_size=(size_px, size_px)),
                            patch_size=vision.patch_size, select_strategy=strategy, model_max_length=qwen.seq_length,
                            vocab_size=qwen.vocab_size)
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  str(args.new_tokens), "--repeats", str(args.repeats)])
         write_json(tmp / "settings.json", {
             "model": str(model_dir), "image": str(tmp / "image.png"), "prompt": prompt,
-            "dtype": str(DTYPES[args.dtype]).removeprefix("torch."), "max_model_len": prompt_tokens + args.new_tokens + 16,
+            "dtype": str(DTYPES[args.dtype]).removeprefix("torch."),
+            "max_model_len": prompt_tokens + args.new_tokens + 16,
             "batch_sizes": args.batch_sizes, "new_tokens": args.new_tokens, "repeats": args.repeats,
             "gpu_memory_utilization": args.gpu_memory_utilization, "output": str(tmp / "timing.json")})
         # PYTHONSAFEPATH: bench/ is not put on the side's sys.path (its modules would shadow installed ones)

@@ -56,7 +56,8 @@ class DataConfig:
     val_size: int = 200  # samples held out for validation (at most 5% of the data)
     seed: int = 1234  # prompt choice for captions and the validation split
     num_workers: int = 4  # image-decoding processes in process_image.py (0: in the main process)
-    feature_cache: str | None = None  # optional folder of precomputed CLIP features (docs/COMMANDS.md: The CLIP feature cache)
+    # optional folder of precomputed CLIP features (docs/COMMANDS.md: The CLIP feature cache)
+    feature_cache: str | None = None
     max_length: int = 2048  # tokens per training sample, image placeholders included
 
     def resolved_val_output(self) -> str:

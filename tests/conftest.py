@@ -8,7 +8,8 @@ import pytest
 
 # The official pre-tokenisation pattern, written out here on purpose (not imported from the code under test).
 TOK_OFFICIAL_PAT_STR = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+    r"""|\s+(?!\S)|\s+"""
 )
 
 
@@ -19,7 +20,8 @@ def _tok_official_special_tokens() -> dict[str, int]:
 
 def _tok_parse_ranks(path: str) -> dict[bytes, int]:
     with open(path, "rb") as f:
-        return {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f.read().splitlines() if line)}
+        lines = f.read().splitlines()
+    return {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in lines if line)}
 
 
 @pytest.fixture(scope="session")

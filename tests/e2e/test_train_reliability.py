@@ -76,7 +76,8 @@ def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(pro
 
     resumed = run("train.py", *config, "--output_dir", str(crashed), "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "checkpoint-4 is incomplete (no checkpoint_complete.json: its save was interrupted): skipped" in resumed.stdout
+    assert ("checkpoint-4 is incomplete (no checkpoint_complete.json: its save was interrupted): skipped"
+            in resumed.stdout)
     assert "resuming from checkpoint-2, the newest complete checkpoint" in resumed.stdout
     assert_same_weights(tmp_path / "full", crashed)
     assert_same_weights(tmp_path / "full" / "checkpoint-4", crashed / "checkpoint-4")
@@ -168,11 +169,13 @@ def test_two_process_runs_with_checkpointing_and_unreadable_images(project, tmp_
     reentrant before) gives the same weights, and the training log counts the 8 skips of all ranks and workers."""
     samples = rows(project)[:16]
     for i in range(0, 16, 2):
-        samples[i] = {**samples[i], "images": [str(tmp_path / f"gone-{i}-{k}.png") for k in range(len(samples[i]["images"]))]}
+        gone = [str(tmp_path / f"gone-{i}-{k}.png") for k in range(len(samples[i]["images"]))]
+        samples[i] = {**samples[i], "images": gone}
     train_file = write_rows(tmp_path / "train.jsonl", samples)
     outputs = {}
-    for name, port, extra in (("plain", "29541", []), ("checkpointed", "29542", [
-            "--activation_checkpointing", "true", "--activation_checkpointing_kwargs", '{"preserve_rng_state": true}'])):
+    checkpointing = ["--activation_checkpointing", "true",
+                     "--activation_checkpointing_kwargs", '{"preserve_rng_state": true}']
+    for name, port, extra in (("plain", "29541", []), ("checkpointed", "29542", checkpointing)):
         outputs[name] = tmp_path / name
         result = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "train.py",

@@ -199,7 +199,8 @@ def test_generate_mode_end_to_end_equals_infer_and_batch_size_does_not_matter(bu
 
 
 GOOD_ROWS = [
-    {"id": 1, "language": "en", "prediction": "A man rides a horse!", "references": ["A man rides a horse.", "a horse"]},
+    {"id": 1, "language": "en", "prediction": "A man rides a horse!",
+     "references": ["A man rides a horse.", "a horse"]},
     {"id": 2, "language": "zh", "prediction": "一个女人在街上走。", "references": ["一个女人在街上走着。"]},
     {"id": 3, "language": "en", "kind": "qa", "prediction": "Blue.", "references": ["blue"], "answer": "blue"},
 ]

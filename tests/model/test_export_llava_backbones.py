@@ -104,7 +104,8 @@ def test_vision_half_is_the_tower(pair):
     assert config["vision_feature_layer"] == -2 and config["image_seq_length"] == 16
     if pair.vision == "clip":
         assert config["vision_config"]["model_type"] == "clip_vision_model"
-        assert config["vision_feature_select_strategy"] == processor_config["vision_feature_select_strategy"] == "default"
+        strategy = processor_config["vision_feature_select_strategy"]
+        assert config["vision_feature_select_strategy"] == strategy == "default"
         assert processor_config["num_additional_image_tokens"] == 1  # the CLS row, dropped again by "default"
     else:  # the vision half of the SigLIP checkpoint, without the pooling head; every patch is a feature
         assert config["vision_config"]["model_type"] == "siglip_vision_model"
