@@ -83,6 +83,9 @@ class LoraConfig:
 
 @dataclass
 class DemoConfig:
+    """The demo's settings (config.yaml's `demo` section); the defaults are config.yaml's values (tested), so a
+    config that leaves a key out gets the demo that README describes."""
+
     workdir: str = ".demo"
     seed: int = 0
     image_size: int = 112
@@ -91,14 +94,14 @@ class DemoConfig:
     n_heldout_images: int = 200  # for demo_eval.json, on images of neither set
     qwen: dict = field(default_factory=lambda: {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                                                 "intermediate_size": 512})
-    clip: dict = field(default_factory=lambda: {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    clip: dict = field(default_factory=lambda: {"hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
                                                 "intermediate_size": 256, "patch_size": 14,
                                                 "position_embedding_scale": 16.0})
     vocab_size: int = 1024  # BPE ranks of the tiny vocabulary (specials stay at 151643..)
-    pretrain_steps: int = 300
+    pretrain_steps: int = 1500
     pretrain_batch_size: int = 32
     pretrain_learning_rate: float = 3e-3
-    clip_pretrain_steps: int = 500  # contrastive image-text training of the tiny CLIP before it is frozen (0: none)
+    clip_pretrain_steps: int = 800  # contrastive image-text training of the tiny CLIP before it is frozen (0: none)
     clip_pretrain_batch_size: int = 64  # distinct captions per batch (at most the 72 there are)
     clip_pretrain_learning_rate: float = 1e-3
-    clip_pretrain_images_per_caption: int = 12  # pictures drawn for each of the 72 captions
+    clip_pretrain_images_per_caption: int = 48  # pictures drawn for each of the 72 captions

@@ -45,3 +45,21 @@ def test_values_are_typed(tmp_path):
     assert config.lora.lora_target_modules == ["c_attn"]
     assert config.model.system_prompt == "7" and config.model.projector_path is None
     assert config.data.sources[0].image_dir == str(tmp_path / "img") and config.data.sources[0].limit is None
+
+
+def test_demo_defaults_are_the_demo_config_of_the_checkout():
+    """DemoConfig's defaults are config.yaml's `demo` section, key by key, and that section sets every field: a
+    config that leaves a key out gets the demo README describes (the defaults once held a 2-layer tower and a
+    fifth of the pretraining)."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    import yaml
+
+    from settings.sections import DemoConfig
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[2] / "config.yaml").read_text(encoding="utf-8"))["demo"]
+    defaults = DemoConfig()
+    differ = {f.name: (getattr(defaults, f.name), shipped.get(f.name, "(not set)")) for f in fields(DemoConfig)
+              if shipped.get(f.name, "(not set)") != getattr(defaults, f.name)}
+    assert not differ, f"DemoConfig default vs config.yaml: {differ}"
