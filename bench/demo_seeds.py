@@ -106,7 +106,8 @@ def collect(folder: Path, result: dict) -> dict:
     stages = []
     if (folder / "stages.jsonl").is_file():
         stages = [json.loads(line) for line in (folder / "stages.jsonl").read_text().splitlines() if line.strip()]
-    result["stages"] = [{"stage": stage_name(s["argv"]), **{k: s[k] for k in ("wall_s", "cpu_s", "rc")}} for s in stages]
+    result["stages"] = [{"stage": stage_name(s["argv"]), **{k: s[k] for k in ("wall_s", "cpu_s", "rc")}}
+                        for s in stages]
     workdir = folder / config["demo"].get("workdir", ".demo")
     report = workdir / "prepare_report.json"
     if report.is_file():
@@ -211,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=False)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, check=False).stdout.strip()
     except OSError:

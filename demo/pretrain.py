@@ -33,7 +33,8 @@ from visual import ImagePreprocessor
 
 def describe(item, lang: str) -> str:
     if lang == "en":
-        return f"The picture shows a {item.answer('colour', 'en')} {item.answer('shape', 'en')} in the {item.answer('position', 'en')} corner."
+        colour, shape, corner = (item.answer(kind, "en") for kind in ("colour", "shape", "position"))
+        return f"The picture shows a {colour} {shape} in the {corner} corner."
     return f"图片的{item.answer('position', 'zh')}角有一个{item.answer('colour', 'zh')}的{item.answer('shape', 'zh')}。"
 
 
@@ -150,7 +151,8 @@ def pretrain_text(state_dict: dict, config_fields: dict, tokenizer, demo: DemoCo
     vocab.install_head(model)
     rng = np.random.default_rng([demo.seed, 7])
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=demo.pretrain_learning_rate, weight_decay=0.0, fused=True)  # 10x faster on CPU
+    # fused: 10x faster on CPU
+    optimizer = torch.optim.AdamW(params, lr=demo.pretrain_learning_rate, weight_decay=0.0, fused=True)
     warmup = max(demo.pretrain_steps // 20, 1)
 
     def lr_at(step: int) -> float:
@@ -176,7 +178,8 @@ def pretrain_text(state_dict: dict, config_fields: dict, tokenizer, demo: DemoCo
                   f"({time.time() - started:.0f} s)", flush=True)
     model.eval()
     accuracy = text_accuracy(model, tokenizer, demo.seed, vocab=vocab)
-    print("  text pretraining: described-shape answers right: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
+    print("  text pretraining: described-shape answers right: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
     return vocab.expand(model.state_dict(), state_dict), losses, accuracy
 
 
@@ -260,5 +263,6 @@ def pretrain_clip(clip_dir: Path, demo: DemoConfig, log_every: int = 50) -> list
         if (step + 1) % log_every == 0 or step == 0:
             print(f"  CLIP pretraining step {step + 1}/{demo.clip_pretrain_steps}  loss {loss.item():.3f}  "
                   f"({time.time() - started:.0f} s)", flush=True)
-    save_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, clip_dir / "model.safetensors")
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_safetensors(tensors, clip_dir / "model.safetensors")
     return losses

@@ -84,7 +84,8 @@ QUESTIONS = {
 # never in the training conversations nor in the tiny QWen's text pretraining, so accuracy on them says how far
 # the model understands the question rather than recognising its exact words.
 UNSEEN_QUESTIONS = {
-    ("en", "colour"): ("What color is the shape?", "Which colour does the shape have?", "Tell me the colour of the shape."),
+    ("en", "colour"): ("What color is the shape?", "Which colour does the shape have?",
+                       "Tell me the colour of the shape."),
     ("en", "shape"): ("What kind of shape is this?", "Which shape do you see?", "Name the shape in the picture."),
     ("en", "position"): ("In which corner is the shape?", "Where is the shape: which corner?",
                          "Which corner of the picture holds the shape?"),

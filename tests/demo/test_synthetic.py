@@ -1,4 +1,5 @@
-"""The demo's synthetic raw data: deterministic, correct pixels, separate held-out images, clean through process_image."""
+"""The demo's synthetic raw data: deterministic, correct pixels, separate held-out images, clean through
+process_image."""
 
 from __future__ import annotations
 
@@ -119,8 +120,9 @@ def test_conversations_captions_and_heldout_questions(demo):
         asked = [h.replace("<image>\n", "") for h in humans]
         assert sorted(asked) == sorted(QUESTIONS.values())
         orders.add(tuple(asked))
+        pairs = list(zip(row["conversations"][::2], row["conversations"][1::2]))
         zh = {attr: gpt["value"] for (lang, attr), q in QUESTIONS.items() if lang == "zh"
-              for human, gpt in zip(row["conversations"][::2], row["conversations"][1::2]) if human["value"].endswith(q)}  # fmt: skip
+              for human, gpt in pairs if human["value"].endswith(q)}
         labels = labels_of_llava_row(row)
         assert zh == {
             a: {"colour": COLOURS, "shape": SHAPES, "position": POSITIONS}[a][labels[a]].zh for a in labels
