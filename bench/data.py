@@ -25,13 +25,17 @@ the figures move by 10-20% between runs: use more images and samples for steadie
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/NAME.py`: the checkout's root on the path instead of bench/,
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # whose modules would shadow top-level ones
+
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import PIL

@@ -17,14 +17,18 @@ inflated, CPU times much less so. Results go to `<root>/results.json` too.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/NAME.py`: the checkout's root on the path instead of bench/,
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # whose modules would shadow top-level ones
+
 import argparse
 import json
 import os
 import platform
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import yaml
 

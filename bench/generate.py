@@ -13,6 +13,12 @@ then generates `--new-tokens` tokens per prompt with greedy search and no early 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/NAME.py`: the checkout's root on the path instead of bench/,
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # whose modules would shadow top-level ones
+
 import argparse
 import time
 

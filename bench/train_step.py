@@ -18,6 +18,12 @@ per token against the device's dense bf16 peak), peak memory.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/NAME.py`: the checkout's root on the path instead of bench/,
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # whose modules would shadow top-level ones
+
 import argparse
 import contextlib
 import time

@@ -5,10 +5,10 @@ every option its `--help` lists is named in that section (each --help runs once 
 
 A command is a `python ...`, `python3 ...` or `bash ...` line of a fenced code block, or an inline code span that
 starts that way; `A && B` is two commands and `NAME=value` before a command is its environment. `python` runs
-as this interpreter. The checkout's packages are importable from anywhere, as `pip install -r requirements.txt`
-(which installs the checkout in editable mode) makes them: PYTHONPATH starts with the checkout, so the code
-tested is this checkout's. `python bench/x.py` then puts bench/ first on the path, which is how a module of
-bench/ named like a top-level package (the old bench/common.py) broke every bench script run that way.
+as this interpreter, without the site's .pth files (see run_help): the checkout is importable only as a command
+makes it so itself, not through an installed copy. `python bench/x.py` puts bench/ first on the path, so the bench
+scripts put the checkout's root there instead (the old bench/common.py shadowed the top-level `common`, and an
+editable install made before llm/ existed hid that those scripts could not import it).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import re
 import shlex
 import subprocess
 import sys
+import sysconfig
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -95,10 +96,18 @@ _STARTED: dict[tuple[str, ...], Future] = {}  # the runs the help_runs fixture s
 
 
 def run_help(name: tuple[str, ...]) -> subprocess.CompletedProcess:
-    """`<command> --help` run as typed from the checkout root, in a subprocess."""
+    """`<command> --help` run as typed from the checkout root, in a subprocess. A python command runs with `-S`
+    and only this interpreter's site-packages on its path: no .pth file runs, so no installed checkout (an
+    editable install, perhaps of another copy or older than this one) makes the project's packages importable;
+    the command finds them as a bare checkout offers them (the script's folder, or the current one for `-m`)."""
     interpreter, *target = name
-    argv = [sys.executable if interpreter == "python" else "bash", *target, "--help"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if interpreter == "python":
+        site_packages = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+        argv = [sys.executable, "-S", *target, "--help"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sorted(site_packages))}
+    else:  # the scripts run `python` themselves: this checkout's code first
+        argv = ["bash", *target, "--help"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
