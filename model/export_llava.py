@@ -94,18 +94,19 @@ def suppressed_token_ids(tokenizer: ChatTokenizer, vocab_size: int) -> list[int]
     list). No text contains them, so training only ever lowered their scores, and a trained model does not rank
     them first (measured on the demo: the same greedy answers with and without them); an untrained one may, and
     infer.py masks them all the same."""
-    first, allowed = _first_special_id(tokenizer, vocab_size), set(tokenizer.answer_token_ids())
-    return [i for i in range(first, vocab_size) if i not in allowed]
+    return _never_produced(tokenizer, vocab_size)[0]
 
 
 def unlisted_token_ids(tokenizer: ChatTokenizer, vocab_size: int) -> list[int]:
     """The ids our generation never produces that `suppressed_token_ids` leaves out (see there)."""
-    first, allowed = _first_special_id(tokenizer, vocab_size), set(tokenizer.answer_token_ids())
-    return [i for i in range(first) if i not in allowed]
+    return _never_produced(tokenizer, vocab_size)[1]
 
 
-def _first_special_id(tokenizer: ChatTokenizer, vocab_size: int) -> int:
-    return min(*tokenizer.special_ids, vocab_size)
+def _never_produced(tokenizer: ChatTokenizer, vocab_size: int) -> tuple[list[int], list[int]]:
+    """The ids our generation never produces, split at the tokenizer's first special id: (from it on, below it)."""
+    first, allowed = min(*tokenizer.special_ids, vocab_size), set(tokenizer.answer_token_ids())
+    never = [i for i in range(vocab_size) if i not in allowed]
+    return [i for i in never if i >= first], [i for i in never if i < first]
 
 
 def generation_config(tokenizer: ChatTokenizer, vocab_size: int) -> dict:
@@ -216,6 +217,7 @@ def write_llava(folder: Path, model, bundle: VLMConfig, *, checkpoint: Path, llm
     tensors = {key: t.detach().to(dtype) for key, t in tensors.items()}
 
     vocab_size = config.text_config.vocab_size
+    suppressed, unlisted = _never_produced(tokenizer, vocab_size)
     write_text(folder / "config.json", config.to_json_string())
     shards = save_sharded_safetensors(tensors, folder, max_shard_bytes=max_shard_bytes)
     write_processing_files(folder, tokenizer=tokenizer, tokenizer_json=text.tokenizer_json,
@@ -236,8 +238,8 @@ def write_llava(folder: Path, model, bundle: VLMConfig, *, checkpoint: Path, llm
         dtype=str(dtype).removeprefix("torch."),
         num_parameters=sum(t.numel() for t in tensors.values()),
         weight_files=weight_files,
-        suppressed=len(suppressed_token_ids(tokenizer, vocab_size)),
-        unlisted=len(unlisted_token_ids(tokenizer, vocab_size)),
+        suppressed=len(suppressed),
+        unlisted=len(unlisted),
     ))
     size_gb = sum(t.numel() * t.element_size() for t in tensors.values()) / 1024**3
     print(f"export: {len(tensors)} tensors, {size_gb:.2f} GiB in {len(weight_files)} safetensors file(s), {dtype}",
