@@ -1,19 +1,24 @@
-"""Does the trained demo model use the image? `python -m demo.evaluate --config config.yaml [train flags]`
+"""Does the trained demo model use the image, and in which wordings? `python -m demo.evaluate --config config.yaml [train flags]`
 
 Asks every held-out question (colour, shape, corner; English and Chinese) about every held-out image with the
-project's evaluator (`evaluation.runner.evaluate_samples`) three times: with the image, with the image blanked
-and with the image of another held-out picture (a seeded derangement among the askers of the same question,
-the answer then scored against that picture's answer), and writes `<output_dir>/demo_eval.json`:
-{"accuracy_with_image", "accuracy_blind", "accuracy_shuffled", "chance_level", "n", "by_attribute",
-"by_language", "blank", ...}. The blank image is mean grey: every pixel CLIP's mean colour, i.e. all zeros
-after normalisation, so the model sees an image with no content and can only fall back on its priors.
-The chance level is what uniform guessing among each question's labels scores (1/6 colour, 1/3 shape,
-1/4 corner). An answer counts when it names exactly the expected label (`demo.synthetic.normalise_answer`).
+project's evaluator (`evaluation.runner.evaluate_samples`), each kind in three wordings (demo/wordings.py): the
+one the image training asks ("trained"), one only the tiny QWen's text pretraining asks ("text_only": the
+transfer from text to images) and one no training text contains ("never_seen"). Every question is asked with
+its image and with the image blanked ("blind"); the trained wordings also with the image of another held-out
+picture (a seeded derangement among the askers of the same question), scored two ways: against that picture's
+answer ("shuffled": a model that reads the image scores as with its own) and against the question's own image's
+answer ("shuffled_own": a model that reads the image drops to about chance, one that ignores it does not).
+Writes `<output_dir>/demo_eval.json`:
 
-Those figures use the questions' training wordings. `unseen_phrasings` asks, with the image, about the first half
-of the held-out images, one other wording of each question that no training text contains
-(`demo.synthetic.UNSEEN_QUESTIONS`): how far the model understands the question and not only its exact words.
-It is reported, not a target; `same_images_seen` is the training wordings' accuracy on the same images.
+    accuracy_with_image, accuracy_blind, accuracy_shuffled, accuracy_shuffled_own, chance_level, n,
+    by_attribute, by_language        the trained wordings (the image training's own questions)
+    wordings: {trained, text_only, never_seen}: {with_image, blind, n, by_attribute, by_language, by_kind}
+    blank, shuffled, shuffled_own, checkpoint, examples
+
+The blank image is mean grey: every pixel CLIP's mean colour, i.e. all zeros after normalisation, so the model
+sees an image with no content and can only fall back on its priors. The chance level is what uniform guessing
+among each question's labels scores (1/6 colour, 1/3 shape, 1/4 corner). An answer counts when it names exactly
+the expected label (`demo.synthetic.normalise_answer`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,11 @@ from common.fileio import write_json
 from settings import ConfigError
 from settings.training import parse_train_args
 
-PASS_KEYS = {"with_image": "correct", "blind": "blank_correct", "shuffled": "shuffled_correct"}
+WORDING_SETS = ("trained", "text_only", "never_seen")
+PASS_KEYS = {"with_image": "correct", "blind": "blank_correct", "shuffled": "shuffled_correct",
+             "shuffled_own": "shuffled_own_correct"}
+ATTRIBUTE_NAMES = ("colour", "shape", "position")
+LANGUAGES = ("en", "zh")
 
 
 def heldout_samples(heldout_file: Path) -> list:
@@ -39,11 +48,10 @@ def heldout_samples(heldout_file: Path) -> list:
     for row in json.loads(heldout_file.read_text(encoding="utf-8")):
         image = str(heldout_file.parent / row["image"])
         for q in row["questions"]:
-            phrasing = q.get("phrasing", "seen")
             samples.append(EvalSample(
-                id=f"{row['image']}:{q['lang']}:{q['attribute']}:{phrasing}", language=q["lang"], kind="qa",
+                id=f"{row['image']}:{q['lang']}:{q['attribute']}:{q['wording']}", language=q["lang"], kind="qa",
                 prompt=f"{IMAGE_MARKER}\n{q['question']}", images=[image], references=[q["answer"]], answer=q["answer"],
-                group=q["question"], info={"attribute": q["attribute"], "phrasing": phrasing},
+                group=q["question"], info={"attribute": q["attribute"], "wording": q["wording"]},
             ))
     return samples
 
@@ -54,6 +62,58 @@ def chance_level(attribute: str) -> float:
     return 1 / len(ATTRIBUTES[attribute])
 
 
+def own_image_scores(samples: list, rows: list[dict], normalise) -> list[bool]:
+    """Each shuffled-image answer (`row["shuffled_prediction"]`) scored against the answer of the question's OWN
+    image (`sample.answer`), not the answer of the image shown: what a model that ignores the image keeps."""
+    scores = []
+    for sample, row in zip(samples, rows):
+        expected = normalise(sample.answer, sample.language)
+        scores.append(expected is not None and normalise(row["shuffled_prediction"], sample.language) == expected)
+    return scores
+
+
+def accuracies(samples: list, rows: list[dict], keep=lambda s: True) -> dict:
+    """{pass: share right} over the samples `keep` selects, for each pass the rows hold (PASS_KEYS)."""
+    chosen = [r for s, r in zip(samples, rows) if keep(s)]
+    return {name: round(sum(r[key] for r in chosen) / len(chosen), 4) if chosen else None
+            for name, key in PASS_KEYS.items() if rows and key in rows[0]}
+
+
+def wording_report(samples: list, rows: list[dict]) -> dict:
+    """The accuracies of one wording set: overall, per attribute, per language and per kind (language, attribute)."""
+    return {
+        **accuracies(samples, rows), "n": len(samples),
+        "by_attribute": {a: accuracies(samples, rows, lambda s, a=a: s.info["attribute"] == a) for a in ATTRIBUTE_NAMES},
+        "by_language": {g: accuracies(samples, rows, lambda s, g=g: s.language == g) for g in LANGUAGES},
+        "by_kind": {f"{g} {a}": accuracies(samples, rows, lambda s, g=g, a=a: (s.language, s.info["attribute"]) == (g, a))
+                    for g in LANGUAGES for a in ATTRIBUTE_NAMES},
+    }
+
+
+def summarise(samples: list, rows: list[dict]) -> dict:
+    """demo_eval.json's figures from the scored rows of every held-out question (see the module docstring)."""
+    sets = {w: [(s, r) for s, r in zip(samples, rows) if s.info["wording"] == w] for w in WORDING_SETS}
+    reports = {w: wording_report([s for s, _ in pairs], [r for _, r in pairs]) for w, pairs in sets.items() if pairs}
+    trained = [s for s, _ in sets["trained"]]
+    trained_rows = [r for _, r in sets["trained"]]
+    overall = accuracies(trained, trained_rows)
+    return {
+        "accuracy_with_image": overall["with_image"],
+        "accuracy_blind": overall["blind"],
+        "accuracy_shuffled": overall.get("shuffled"),
+        "accuracy_shuffled_own": overall.get("shuffled_own"),
+        "chance_level": round(sum(chance_level(s.info["attribute"]) for s in trained) / len(trained), 4),
+        "n": len(trained),
+        "by_attribute": {
+            a: {**accuracies(trained, trained_rows, lambda s, a=a: s.info["attribute"] == a),
+                "chance": round(chance_level(a), 4)}
+            for a in ATTRIBUTE_NAMES
+        },
+        "by_language": {g: accuracies(trained, trained_rows, lambda s, g=g: s.language == g) for g in LANGUAGES},
+        "wordings": reports,
+    }
+
+
 def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64, seed: int = 0) -> dict:
     from dataprocess.schema import IMAGE_MARKER
     from demo.synthetic import normalise_answer
@@ -62,58 +122,25 @@ def evaluate(checkpoint: Path, heldout_file: Path, batch_size: int = 64, seed: i
     from inference import load_checkpoint
 
     everything = heldout_samples(heldout_file)
-    samples = [s for s in everything if s.info["phrasing"] == "seen"]
+    trained = [s for s in everything if s.info["wording"] == "trained"]
+    others = [s for s in everything if s.info["wording"] != "trained"]
     loaded = load_checkpoint(checkpoint, device="cpu")
     options = dict(seed=seed, normalise=normalise_answer, batch_size=batch_size, max_new_tokens=12,
                    repetition_penalty=1.0, progress=False)
-    metrics, rows = evaluate_samples(loaded, samples, **options)
-    # Other wordings of the questions, never in any training text, asked with the image about the first half of
-    # the held-out images (which the seen wordings are asked about too: `same_images_seen` compares like with like).
-    images = sorted({s.images[0] for s in samples})
-    half = set(images[: max(len(images) // 2, 1)])
-    unseen = [s for s in everything if s.info["phrasing"] == "unseen" and s.images[0] in half]
-    unseen_rows = evaluate_samples(loaded, unseen, passes=("with_image",), **options)[1] if unseen else []
-
-    def accuracies(keep) -> dict:
-        chosen = [r for s, r in zip(samples, rows) if keep(s)]
-        return {name: round(sum(r[key] for r in chosen) / len(chosen), 4) if chosen else None
-                for name, key in PASS_KEYS.items()}
-
-    overall = accuracies(lambda s: True)
-
-    def unseen_accuracy(keep) -> float | None:
-        chosen = [r["correct"] for s, r in zip(unseen, unseen_rows) if keep(s)]
-        return round(sum(chosen) / len(chosen), 4) if chosen else None
-
-    same_images = [r["correct"] for s, r in zip(samples, rows) if s.images[0] in half]
-    unseen_phrasings = {
-        "accuracy_with_image": unseen_accuracy(lambda s: True),
-        "same_images_seen": round(sum(same_images) / len(same_images), 4) if same_images else None,
-        "n": len(unseen),
-        "images": f"{len(half)} of {len(images)} held-out images",
-        "by_attribute": {k: unseen_accuracy(lambda s, k=k: s.info["attribute"] == k)
-                         for k in ("colour", "shape", "position")},
-        "by_language": {k: unseen_accuracy(lambda s, k=k: s.language == k) for k in ("en", "zh")},
-        "by_question": {q: unseen_accuracy(lambda s, q=q: s.group == q) for q in sorted({s.group for s in unseen})},
-    }
+    metrics, rows = evaluate_samples(loaded, trained, **options)
+    for row, own in zip(rows, own_image_scores(trained, rows, normalise_answer)):
+        row["shuffled_own_correct"] = own
+    other_rows = evaluate_samples(loaded, others, passes=("with_image", "blank"), **options)[1] if others else []
+    result = summarise(trained + others, rows + other_rows)
     return {
-        "accuracy_with_image": overall["with_image"],
-        "accuracy_blind": overall["blind"],
-        "accuracy_shuffled": overall["shuffled"],
-        "chance_level": round(sum(chance_level(s.info["attribute"]) for s in samples) / len(samples), 4),
-        "n": len(samples),
-        "by_attribute": {
-            k: {**accuracies(lambda s, k=k: s.info["attribute"] == k), "chance": round(chance_level(k), 4)}
-            for k in ("colour", "shape", "position")
-        },
-        "by_language": {k: accuracies(lambda s, k=k: s.language == k) for k in ("en", "zh")},
-        "unseen_phrasings": unseen_phrasings,
+        **result,
         "blank": BLANK,
-        "shuffled": f"{metrics['shuffled']['swapped']} of {len(samples)} questions asked about another held-out "
+        "shuffled": f"{metrics['shuffled']['swapped']} of {len(trained)} questions asked about another held-out "
                     "image (same question), scored against that image's answer",
+        "shuffled_own": "the same answers scored against the answer of the question's own image",
         "checkpoint": str(checkpoint),
         "examples": [{"question": r["prompt"].replace(IMAGE_MARKER, "").strip(), "expected": s.answer,
-                      "answer": r["prediction"]} for s, r in zip(samples[:12], rows[:12])],
+                      "answer": r["prediction"]} for s, r in zip(trained[:12], rows[:12])],
     }
 
 
@@ -134,9 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     result = evaluate(checkpoint, heldout)
     out = write_json(checkpoint / "demo_eval.json", result)
-    print(f"demo: accuracy with the image {result['accuracy_with_image']:.3f}, with a blank image "
-          f"{result['accuracy_blind']:.3f}, with shuffled images {result['accuracy_shuffled']:.3f}, chance "
-          f"{result['chance_level']:.3f} (n={result['n']}, {time.time() - started:.0f} s) -> {out}")
+    print(f"demo: trained wordings: with the image {result['accuracy_with_image']:.3f}, with a blank image "
+          f"{result['accuracy_blind']:.3f}, with shuffled images {result['accuracy_shuffled']:.3f} (against the own "
+          f"image's answer {result['accuracy_shuffled_own']:.3f}), chance {result['chance_level']:.3f} "
+          f"(n={result['n']}, {time.time() - started:.0f} s) -> {out}")
+    for which in WORDING_SETS[1:]:
+        report = result["wordings"].get(which)
+        if report:
+            print(f"demo: {which} wordings: with the image {report['with_image']:.3f}, blind {report['blind']:.3f} "
+                  f"(n={report['n']})")
     return 0
 
 

@@ -1,8 +1,10 @@
 """The demo's two miniature pretrainings, run by demo.prepare before the VLM training:
 
 - the tiny QWen's text pretraining: ChatML conversations that answer questions about a shape *described in
-  words* (the miniature of the real recipe's pretrained chat LLM: it knows the chat format and the answer
-  words; the VLM training then teaches it to read them from the image instead of from the description);
+  words*, asked in many wordings (demo/wordings.py: the image training's and the text-only ones), English and
+  Chinese (the miniature of the real recipe's pretrained chat LLM: it knows the chat format, the answer words
+  and the language of the questions; the VLM training then teaches it to read the shape from the image
+  instead of from the description, in a few wordings, and the others carry over);
 - the tiny CLIP's contrastive image-caption training (the real tower was trained that way, which is why its
   patch features tell a circle from a triangle), after which it is frozen like the real one.
 """
@@ -19,9 +21,12 @@ from transformers import CLIPModel
 
 from common.safetensors_file import save_safetensors
 from dataprocess.aic import PROMPTS as CAPTION_PROMPTS
+from dataprocess.schema import ASSISTANT, USER
+from dataset.conversation import encode_conversation
 from demo.compact_vocab import CompactVocab
-from demo.synthetic import AIC_TEMPLATES, ATTRIBUTES, COLOURS, POSITIONS, QUESTIONS, SHAPES, Item, draw_image
-from qwen import DEFAULT_SYSTEM, QWenConfig, QWenLMHeadModel, make_context
+from demo.synthetic import AIC_TEMPLATES, ATTRIBUTES, COLOURS, POSITIONS, SHAPES, Item, draw_image
+from demo.wordings import KINDS, SETS, pretraining_wordings
+from qwen import DEFAULT_SYSTEM, QWenConfig, QWenLMHeadModel
 from qwen.tiny_vocab import DEFAULT_CORPUS
 from settings import DemoConfig
 from visual import ImagePreprocessor
@@ -38,24 +43,39 @@ def describe(item, lang: str) -> str:
     return f"图片的{item.answer('position', 'zh')}角有一个{item.answer('colour', 'zh')}的{item.answer('shape', 'zh')}。"
 
 
-def text_conversation(rng: np.random.Generator):
-    """(query, answer): a described shape and a question about it, or a caption request."""
-    item = Item(rng.choice(list(COLOURS)), rng.choice(list(SHAPES)), rng.choice(list(POSITIONS)))
-    if rng.random() < 0.15:
+MAX_TEXT_TURNS = 4  # questions about one described shape, as the image training asks several about one image
+
+
+def random_item(rng: np.random.Generator) -> Item:
+    return Item(rng.choice(list(COLOURS)), rng.choice(list(SHAPES)), rng.choice(list(POSITIONS)))
+
+
+def text_conversation(rng: np.random.Generator) -> list[tuple[str, str]]:
+    """[(query, answer), ...]: a described shape, then 1 to MAX_TEXT_TURNS questions about it (the description
+    in the first query; each question of a random kind, in a random wording of `pretraining_wordings`), or
+    one caption request."""
+    item = random_item(rng)
+    if rng.random() < 0.12:
         caption = AIC_TEMPLATES[rng.integers(len(AIC_TEMPLATES))].format(
             p=item.answer("position", "zh"), c=item.answer("colour", "zh"), s=item.answer("shape", "zh")
         )
-        return f"{describe(item, 'zh')}\n{CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))]}", caption
-    lang, attribute = list(QUESTIONS)[rng.integers(len(QUESTIONS))]
-    description = describe(item, lang if rng.random() < 0.8 else ("zh" if lang == "en" else "en"))
-    return f"{description}\n{QUESTIONS[lang, attribute]}", item.answer(attribute, lang)
+        return [(f"{describe(item, 'zh')}\n{CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))]}", caption)]
+    turns = []
+    for _ in range(int(rng.integers(1, MAX_TEXT_TURNS + 1))):
+        lang, attribute = KINDS[rng.integers(len(KINDS))]
+        choices = pretraining_wordings((lang, attribute))
+        turns.append([choices[rng.integers(len(choices))], item.answer(attribute, lang)])
+    turns[0][0] = f"{describe(item, 'en' if rng.random() < 0.5 else 'zh')}\n{turns[0][0]}"
+    return [(query, answer) for query, answer in turns]
 
 
-def encode_text_example(tokenizer, query: str, answer: str, system: str) -> tuple[list[int], list[int]]:
-    """ChatML ids (the official make_context) + answer + <|im_end|>; labels only on the answer and <|im_end|>."""
-    _, context = make_context(tokenizer, query, history=[], system=system)
-    target = tokenizer.encode(answer, allowed_special=set()) + [tokenizer.im_end_id]
-    return context + target, [-100] * len(context) + target
+def encode_text_example(tokenizer, turns: list[tuple[str, str]], system: str) -> tuple[list[int], list[int]]:
+    """ChatML ids of the conversation, as the VLM training encodes one (dataset.conversation); labels only on
+    the answers and their <|im_end|>."""
+    messages = [m for query, answer in turns for m in ({"role": USER, "content": query},
+                                                       {"role": ASSISTANT, "content": answer})]
+    encoded = encode_conversation(tokenizer, messages, system=system, num_image_tokens=1, max_length=None)  # no <image>
+    return encoded.input_ids, encoded.labels
 
 
 # Text about the demo's world (coloured shapes in a picture), in English and Chinese.
@@ -111,7 +131,8 @@ def vocab_corpus() -> str:
     single letters. Each supervised token costs a 151936-way softmax, so this also keeps training cheap.
     """
     answers = [getattr(word, lang) for vocab in ATTRIBUTES.values() for word in vocab.values() for lang in ("en", "zh")]
-    lines = answers * 4 + list(QUESTIONS.values()) + list(CAPTION_PROMPTS)
+    questions = [w for kind in KINDS for w in pretraining_wordings(kind)]  # never NEVER_SEEN: no text contains them
+    lines = answers * 4 + questions + list(CAPTION_PROMPTS)
     return DEFAULT_CORPUS + DEMO_CORPUS + "\n".join(lines) + "\n"
 
 
@@ -128,7 +149,7 @@ def pad_batch(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[to
 
 def text_batch(tokenizer, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`batch_size` text conversations (full-vocabulary ids), padded."""
-    batch = [encode_text_example(tokenizer, *text_conversation(rng), DEFAULT_SYSTEM) for _ in range(batch_size)]
+    batch = [encode_text_example(tokenizer, text_conversation(rng), DEFAULT_SYSTEM) for _ in range(batch_size)]
     return pad_batch(batch, tokenizer.pad_token_id)
 
 
@@ -184,8 +205,10 @@ def pretrain_text(state_dict: dict, config_fields: dict, tokenizer, demo: DemoCo
 
 
 @torch.no_grad()
-def text_accuracy(model, tokenizer, seed: int, n_per_kind: int = 50, vocab: CompactVocab | None = None) -> dict:
-    """Share of described-shape questions the QWen answers exactly, greedily, per question kind.
+def text_accuracy(model, tokenizer, seed: int, n_per_kind: int = 40, vocab: CompactVocab | None = None) -> dict:
+    """Share of described-shape questions the QWen answers exactly, greedily: {"<set> <lang> <attribute>": share}
+    for the trained and text-only wordings (demo/wordings.py; one question per described shape, a random
+    wording of the set), and the never-seen ones for comparison.
 
     `model` is a full-size QWenLMHeadModel, or the compact one of `vocab`. Teacher-forced: an answer counts when
     the argmax at every supervised position (its tokens and <|im_end|>) is the expected token, which is exactly
@@ -195,23 +218,25 @@ def text_accuracy(model, tokenizer, seed: int, n_per_kind: int = 50, vocab: Comp
     model.eval()
     rng = np.random.default_rng([seed, 8])
     out = {}
-    for lang, attribute in QUESTIONS:
-        batch = []
-        for _ in range(n_per_kind):
-            item = Item(rng.choice(list(COLOURS)), rng.choice(list(SHAPES)), rng.choice(list(POSITIONS)))
-            query = f"{describe(item, lang)}\n{QUESTIONS[lang, attribute]}"
-            batch.append(encode_text_example(tokenizer, query, item.answer(attribute, lang), DEFAULT_SYSTEM))
-        input_ids, labels = pad_batch(batch, tokenizer.pad_token_id)
-        if vocab is not None:
-            input_ids, labels = vocab.compact_ids(input_ids), vocab.compact_ids(labels)
-        hidden = model.transformer(input_ids=input_ids).last_hidden_state[:, :-1]  # [B, T-1, hidden]
-        target = labels[:, 1:]
-        keep = target != -100
-        picked = hidden[keep]  # logits only where an answer token is predicted
-        logits = vocab.greedy_logits(model, picked) if vocab is not None else model.lm_head(picked)
-        right = torch.ones_like(target, dtype=torch.bool)
-        right[keep] = logits.argmax(-1) == target[keep]
-        out[f"{lang} {attribute}"] = round(float(right.all(dim=1).float().mean()), 3)
+    for which in SETS:
+        for lang, attribute in KINDS:
+            choices = SETS[which][lang, attribute]
+            batch = []
+            for _ in range(n_per_kind):
+                item = random_item(rng)
+                query = f"{describe(item, lang)}\n{choices[rng.integers(len(choices))]}"
+                batch.append(encode_text_example(tokenizer, [(query, item.answer(attribute, lang))], DEFAULT_SYSTEM))
+            input_ids, labels = pad_batch(batch, tokenizer.pad_token_id)
+            if vocab is not None:
+                input_ids, labels = vocab.compact_ids(input_ids), vocab.compact_ids(labels)
+            hidden = model.transformer(input_ids=input_ids).last_hidden_state[:, :-1]  # [B, T-1, hidden]
+            target = labels[:, 1:]
+            keep = target != -100
+            picked = hidden[keep]  # logits only where an answer token is predicted
+            logits = vocab.greedy_logits(model, picked) if vocab is not None else model.lm_head(picked)
+            right = torch.ones_like(target, dtype=torch.bool)
+            right[keep] = logits.argmax(-1) == target[keep]
+            out[f"{which} {lang} {attribute}"] = round(float(right.all(dim=1).float().mean()), 3)
     model.train(was_training)
     return out
 

@@ -13,11 +13,12 @@ side is 30-40% of the image side: at that size a random frozen vision tower can 
       aic_demo.json       AI Challenger rows, five Chinese captions per image, on a separate set of images
       aic_images/
       heldout.json        [{"image": "heldout_images/000000.png", "questions": [{"lang", "attribute",
-      heldout_images/        "question", "answer", "phrasing"}, ...]}] on images used by neither training set
+      heldout_images/        "question", "answer", "wording"}, ...]}] on images used by neither training set
 
-The held-out questions are the 6 training wordings (`QUESTIONS`, "phrasing": "seen") and one other wording
-of each kind that no training text contains (`UNSEEN_QUESTIONS`, "phrasing": "unseen"). Score answers with
-`normalise_answer(generated, lang) == normalise_answer(expected, lang)`.
+The held-out questions, per image: each kind (language, attribute) asked in its image-training wording
+("wording": "trained"), in one wording only the text pretraining asks ("text_only") and in one no training
+text contains ("never_seen"), the last two drawn per image (seeded); the sets are in demo/wordings.py. Score
+answers with `normalise_answer(generated, lang) == normalise_answer(expected, lang)`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from common.fileio import staged_folder
+from demo.wordings import KINDS, NEVER_SEEN, TEXT_ONLY, TRAINED
 
 
 @dataclass(frozen=True)
@@ -72,27 +74,8 @@ POSITIONS = {
     "bottom right": Word("bottom right", "右下"),
 }
 ATTRIBUTES = {"colour": COLOURS, "shape": SHAPES, "position": POSITIONS}
-QUESTIONS = {
-    ("en", "colour"): "What colour is the shape?",
-    ("en", "shape"): "What shape is it?",
-    ("en", "position"): "Which corner of the image is the shape in?",
-    ("zh", "colour"): "图形是什么颜色？",
-    ("zh", "shape"): "这是什么形状？",
-    ("zh", "position"): "图形在图片的哪个角？",
-}
-# Other wordings of the same questions, asked only in the held-out evaluation (one per kind per image, seeded):
-# never in the training conversations nor in the tiny QWen's text pretraining, so accuracy on them says how far
-# the model understands the question rather than recognising its exact words.
-UNSEEN_QUESTIONS = {
-    ("en", "colour"): ("What color is the shape?", "Which colour does the shape have?",
-                       "Tell me the colour of the shape."),
-    ("en", "shape"): ("What kind of shape is this?", "Which shape do you see?", "Name the shape in the picture."),
-    ("en", "position"): ("In which corner is the shape?", "Where is the shape: which corner?",
-                         "Which corner of the picture holds the shape?"),
-    ("zh", "colour"): ("这个图形是什么颜色的？", "图形的颜色是什么？", "图中的形状是哪种颜色？"),
-    ("zh", "shape"): ("图片里是什么形状？", "这个图形是什么形状？", "图中画的是什么图形？"),
-    ("zh", "position"): ("图形在哪个角？", "这个形状在图片的什么位置？", "图形位于图片的哪个角落？"),
-}
+# The questions the image training asks (one wording per kind); the other wordings are in demo/wordings.py.
+QUESTIONS = TRAINED
 AIC_TEMPLATES = (  # {p}: position, {c}: colour, {s}: shape, all in Chinese
     "{p}角有一个{c}的{s}。",
     "图片的{p}角是一个{c}{s}。",
@@ -272,17 +255,15 @@ def aic_row(image: str, item: Item, rng: np.random.Generator) -> dict[str, Any]:
 
 
 def heldout_row(image: str, item: Item, rng: np.random.Generator) -> dict[str, Any]:
-    """The 6 training questions ("phrasing": "seen"), then one other wording of each ("phrasing": "unseen")."""
-    questions = [
-        {"lang": lang, "attribute": attribute, "question": question, "answer": item.answer(attribute, lang),
-         "phrasing": "seen"}
-        for (lang, attribute), question in QUESTIONS.items()
-    ]
-    questions += [
-        {"lang": lang, "attribute": attribute, "question": wordings[rng.integers(len(wordings))],
-         "answer": item.answer(attribute, lang), "phrasing": "unseen"}
-        for (lang, attribute), wordings in UNSEEN_QUESTIONS.items()
-    ]
+    """18 questions: each kind in its trained wording, then in a text-only one, then in a never-seen one
+    ("wording": "trained" / "text_only" / "never_seen"; the last two drawn from their sets with `rng`)."""
+    questions = []
+    for which, choices in (("trained", {k: (TRAINED[k],) for k in KINDS}), ("text_only", TEXT_ONLY),
+                           ("never_seen", NEVER_SEEN)):
+        for lang, attribute in KINDS:
+            options = choices[lang, attribute]
+            questions.append({"lang": lang, "attribute": attribute, "question": options[rng.integers(len(options))],
+                              "answer": item.answer(attribute, lang), "wording": which})
     return {"image": image, "questions": questions}
 
 

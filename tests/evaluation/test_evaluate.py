@@ -434,12 +434,15 @@ def test_training_callback_logs_generation_metrics_beside_the_eval_loss(tmp_path
 
 
 def test_demo_eval_from_the_evaluator(bundle, tmp_path, monkeypatch):
-    """demo_eval.json's figures from a stand-in model that reads the held-out images perfectly and, shown a blank
-    image, guesses yellow / square / bottom left: with the image and shuffled (scored against the answers of
-    the image shown) all right, blind as the guesses score on these items by hand, chance levels."""
+    """demo_eval.json's figures from a stand-in model that reads the held-out images perfectly when asked in a
+    trained or text-only wording and, asked in a never-seen wording or shown a blank image, guesses yellow /
+    square / bottom left: with the image and shuffled (scored against the answers of the image shown) all right,
+    shuffled against the question's own image's answers all wrong (the two images share no label), blind and
+    never-seen as the guesses score on these items by hand, chance levels."""
     import inference.loading
     from demo.evaluate import evaluate
-    from demo.synthetic import ATTRIBUTES, QUESTIONS, UNSEEN_QUESTIONS, plan_items, write_demo_raw_data
+    from demo.synthetic import ATTRIBUTES, plan_items, write_demo_raw_data
+    from demo.wordings import SETS
     from visual import load_image
 
     paths = write_demo_raw_data(tmp_path / "raw", n_train=1, n_aic=1, n_heldout=2, image_size=56, seed=1)
@@ -448,15 +451,13 @@ def test_demo_eval_from_the_evaluator(bundle, tmp_path, monkeypatch):
     heldout = json.loads(Path(paths["heldout"]).read_text())
     item_of = {load_image(Path(paths["root"]) / row["image"]).tobytes(): item for row, item in zip(heldout, items)}
     guess = {"colour": "yellow", "shape": "square", "position": "bottom left"}
-    attribute_of = {question: key for key, question in QUESTIONS.items()}
-    unseen_of = {question: key for key, wordings in UNSEEN_QUESTIONS.items() for question in wordings}
+    kind_of = {q: (kind, which) for which, kinds in SETS.items() for kind, qs in kinds.items() for q in qs}
 
     def reads_the_image(model_, tokenizer, processor, prompts, *, pixel_override=None, **kwargs):
         out = []
         for p in prompts:
-            question = p.query.split("\n", 1)[1]
-            lang, attribute = attribute_of.get(question) or unseen_of[question]
-            guessing = pixel_override is not None or question in unseen_of  # other wordings: not understood
+            (lang, attribute), which = kind_of[p.query.split("\n", 1)[1]]
+            guessing = pixel_override is not None or which == "never_seen"  # never-seen wordings: not understood
             label = guess[attribute] if guessing else getattr(item_of[p.images[0].tobytes()], attribute)
             out.append(getattr(ATTRIBUTES[attribute][label], lang))
         return out
@@ -465,17 +466,38 @@ def test_demo_eval_from_the_evaluator(bundle, tmp_path, monkeypatch):
     result = evaluate(bundle, Path(paths["heldout"]), batch_size=5)
     assert result["n"] == 12
     assert result["accuracy_with_image"] == 1.0 and result["accuracy_shuffled"] == 1.0
+    assert result["accuracy_shuffled_own"] == 0.0  # each question was shown the other image
     # blind: the guesses name item 0's colour and corner and item 1's shape, in both languages
     assert result["accuracy_blind"] == 0.5
     assert {a: r["blind"] for a, r in result["by_attribute"].items()} == {"colour": 0.5, "shape": 0.5, "position": 0.5}
-    assert result["by_language"] == {"en": {"with_image": 1.0, "blind": 0.5, "shuffled": 1.0},
-                                     "zh": {"with_image": 1.0, "blind": 0.5, "shuffled": 1.0}}
+    assert result["by_language"] == {
+        lang: {"with_image": 1.0, "blind": 0.5, "shuffled": 1.0, "shuffled_own": 0.0} for lang in ("en", "zh")}
     assert result["chance_level"] == pytest.approx(0.25)  # (1/6 + 1/3 + 1/4) / 3
     assert [result["by_attribute"][a]["chance"] for a in ("colour", "shape", "position")] == [0.1667, 0.3333, 0.25]
     assert "12 of 12 questions" in result["shuffled"]
-    # other wordings, asked about the first image only, answered with the guesses: its colour and corner right
-    unseen = result["unseen_phrasings"]
-    assert unseen["n"] == 6 and unseen["images"] == "1 of 2 held-out images"
-    assert unseen["accuracy_with_image"] == pytest.approx(4 / 6, abs=1e-4) and unseen["same_images_seen"] == 1.0
-    assert unseen["by_attribute"] == {"colour": 1.0, "shape": 0.0, "position": 1.0}
-    assert set(unseen["by_question"]) <= {q for wordings in UNSEEN_QUESTIONS.values() for q in wordings}
+    wordings = result["wordings"]
+    assert {w: wordings[w]["n"] for w in wordings} == {"trained": 12, "text_only": 12, "never_seen": 12}
+    assert wordings["trained"]["with_image"] == 1.0 and wordings["trained"]["shuffled_own"] == 0.0
+    assert {k: wordings["text_only"][k] for k in ("with_image", "blind")} == {"with_image": 1.0, "blind": 0.5}
+    assert "shuffled" not in wordings["text_only"]  # the shuffled control asks the trained wordings only
+    assert {k: wordings["never_seen"][k] for k in ("with_image", "blind")} == {"with_image": 0.5, "blind": 0.5}
+    assert wordings["never_seen"]["by_kind"]["zh shape"] == {"with_image": 0.5, "blind": 0.5}
+    assert wordings["never_seen"]["by_attribute"]["colour"] == {"with_image": 0.5, "blind": 0.5}
+
+
+def test_shuffled_answers_are_scored_against_the_own_images_answer_too():
+    """own_image_scores compares each shuffled-image answer with the question's own answer, after normalisation;
+    an answer naming no label never counts."""
+    from demo.evaluate import own_image_scores
+    from demo.synthetic import normalise_answer
+    from evaluation.samples import EvalSample
+
+    def sample(lang, answer):
+        return EvalSample(id=answer, language=lang, kind="qa", prompt="<image>\nq", images=["x.png"],
+                          references=[answer], answer=answer)
+
+    samples = [sample("en", "red"), sample("en", "top left"), sample("zh", "圆形"), sample("zh", "蓝色"),
+               sample("en", "square")]
+    shown = ["Red.", "bottom left", "圆", "blue", ""]  # own answer; another image's; a synonym; wrong language; none
+    rows = [{"shuffled_prediction": p} for p in shown]
+    assert own_image_scores(samples, rows, normalise_answer) == [True, False, True, False, False]
