@@ -98,7 +98,10 @@ if grep -q '^demo:' "$CONFIG"; then
   # torchrun's rendezvous waits for node 0, which joins once the data is ready.
   if [ "$NODE_RANK" = 0 ]; then
     "$PYTHON" -m demo.prepare --config "$CONFIG"
-    "$PYTHON" process_image.py --config "$CONFIG"
+    # With data.feature_cache (the demo's config), the frozen tower's features are computed here once per image.
+    CACHE_FLAGS=()
+    if grep -qE '^\s+feature_cache:' "$CONFIG"; then CACHE_FLAGS=(--cache-features); fi
+    "$PYTHON" process_image.py --config "$CONFIG" ${CACHE_FLAGS[@]+"${CACHE_FLAGS[@]}"}
   fi
   # Run again, the demo replaces its own previous run (train.py says what it deletes). Only the demo: any other
   # config into a non-empty output_dir is refused unless resumed or given --overwrite_output_dir explicitly.
