@@ -132,14 +132,15 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ["seed", "with image", "blind", "shuffled", "colour", "shape", "corner", "en", "zh", "unseen phrasings",
+    head = ["seed", "with image", "blind", "shuffled (shown / own image)", "colour", "shape", "corner", "en", "zh",
+            "text-only: with image / blind", "never-seen: with image / blind",
             "prepare s", "process s", "train s", "evaluate s", "total s (cpu s)", "load 1-min"]
     rows = []
     for r in results:
         e = r.get("eval") or {}
         by_attr = e.get("by_attribute", {})
         by_lang = e.get("by_language", {})
-        unseen = e.get("unseen_phrasings") or {}
+        sets = e.get("wordings") or {}
         times: dict[str, list[float]] = {}
         for s in r.get("stages", []):
             times.setdefault(s["stage"], []).append(s["wall_s"])
@@ -150,10 +151,12 @@ def table(results: list[dict]) -> str:
 
         rows.append([
             str(r["seed"]) + ("" if r.get("rc", 0) == 0 else f" (rc {r['rc']})"),
-            fmt(e.get("accuracy_with_image")), fmt(e.get("accuracy_blind")), fmt(e.get("accuracy_shuffled")),
+            fmt(e.get("accuracy_with_image")), fmt(e.get("accuracy_blind")),
+            f"{fmt(e.get('accuracy_shuffled'))} / {fmt(e.get('accuracy_shuffled_own'))}",
             *(fmt(by_attr.get(k, {}).get("with_image")) for k in ("colour", "shape", "position")),
             *(fmt(by_lang.get(k, {}).get("with_image")) for k in ("en", "zh")),
-            fmt(unseen.get("accuracy_with_image")),
+            *(f"{fmt(sets.get(w, {}).get('with_image'))} / {fmt(sets.get(w, {}).get('blind'))}"
+              for w in ("text_only", "never_seen")),
             t("prepare"), t("process_image"), t("train"), t("evaluate"),
             f"{r.get('wall_s', 0):.0f} ({cpu:.0f})",
             f"{r['load_before'][0]:.1f}->{r['load_after'][0]:.1f}" if "load_before" in r else "-",
