@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     from inference import Prompt, load_checkpoint
     from visual import load_image
 
-    samples = [s for s in heldout_samples(Path(args.heldout)) if s.info["phrasing"] == "seen"]
+    samples = [s for s in heldout_samples(Path(args.heldout)) if s.info["wording"] == "trained"]
     four_bit = load_checkpoint(args.checkpoint, device="cpu")
     merged = load_checkpoint(args.merged, device="cpu")
     answers = {"4bit": [], "merged": []}

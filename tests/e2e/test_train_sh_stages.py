@@ -93,3 +93,12 @@ def test_a_failing_align_stage_stops_train_sh(tmp_path):
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert log.read_text().splitlines() == [f"train.py --config {path} --stage align"]  # instruct never started
+
+
+def test_the_demo_caches_the_tower_features_when_its_config_sets_a_feature_cache(tmp_path):
+    """config.yaml sets data.feature_cache: process_image.py then computes the frozen tower's features once per
+    image, and train.py reads them instead of running the tower every epoch."""
+    config = {"demo": {}, "data": {"feature_cache": "features"}, **SINGLE}
+    code, calls, _ = run_train_sh(tmp_path, config)
+    assert code == 0 and calls[:2] == ["-m demo.prepare --config C", "process_image.py --config C --cache-features"]
+    assert "feature_cache:" in (ROOT / "config.yaml").read_text()  # the demo as committed
