@@ -44,6 +44,7 @@ def describe(item, lang: str) -> str:
 
 
 MAX_TEXT_TURNS = 4  # questions about one described shape, as the image training asks several about one image
+SINGLE_TURN_SHARE = 0.5  # the rest: 2 to MAX_TEXT_TURNS questions
 
 
 def random_item(rng: np.random.Generator) -> Item:
@@ -52,20 +53,24 @@ def random_item(rng: np.random.Generator) -> Item:
 
 def text_conversation(rng: np.random.Generator) -> list[tuple[str, str]]:
     """[(query, answer), ...]: a described shape, then 1 to MAX_TEXT_TURNS questions about it (the description
-    in the first query; each question of a random kind, in a random wording of `pretraining_wordings`), or
-    one caption request."""
+    in the first query, in that question's language 4 times in 5; each question of a random kind, in a random
+    wording of `pretraining_wordings`), or one caption request."""
     item = random_item(rng)
     if rng.random() < 0.12:
         caption = AIC_TEMPLATES[rng.integers(len(AIC_TEMPLATES))].format(
             p=item.answer("position", "zh"), c=item.answer("colour", "zh"), s=item.answer("shape", "zh")
         )
         return [(f"{describe(item, 'zh')}\n{CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))]}", caption)]
-    turns = []
-    for _ in range(int(rng.integers(1, MAX_TEXT_TURNS + 1))):
+    turns, languages = [], []
+    n_turns = 1 if rng.random() < SINGLE_TURN_SHARE else int(rng.integers(2, MAX_TEXT_TURNS + 1))
+    for _ in range(n_turns):
         lang, attribute = KINDS[rng.integers(len(KINDS))]
         choices = pretraining_wordings((lang, attribute))
         turns.append([choices[rng.integers(len(choices))], item.answer(attribute, lang)])
-    turns[0][0] = f"{describe(item, 'en' if rng.random() < 0.5 else 'zh')}\n{turns[0][0]}"
+        languages.append(lang)
+    # mostly described in the first question's language: copying the answer word is learnt first, translating it later
+    lang = languages[0] if rng.random() < 0.8 else ("zh" if languages[0] == "en" else "en")
+    turns[0][0] = f"{describe(item, lang)}\n{turns[0][0]}"
     return [(query, answer) for query, answer in turns]
 
 
