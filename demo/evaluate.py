@@ -1,4 +1,4 @@
-"""Does the trained demo model use the image, and in which wordings? `python -m demo.evaluate --config config.yaml [train flags]`
+"""Does the trained demo model use the image, and in which wordings? `python -m demo.evaluate --config config.yaml`
 
 Asks every held-out question (colour, shape, corner; English and Chinese) about every held-out image with the
 project's evaluator (`evaluation.runner.evaluate_samples`), each kind in three wordings (demo/wordings.py): the
@@ -83,9 +83,11 @@ def wording_report(samples: list, rows: list[dict]) -> dict:
     """The accuracies of one wording set: overall, per attribute, per language and per kind (language, attribute)."""
     return {
         **accuracies(samples, rows), "n": len(samples),
-        "by_attribute": {a: accuracies(samples, rows, lambda s, a=a: s.info["attribute"] == a) for a in ATTRIBUTE_NAMES},
+        "by_attribute": {a: accuracies(samples, rows, lambda s, a=a: s.info["attribute"] == a)
+                         for a in ATTRIBUTE_NAMES},
         "by_language": {g: accuracies(samples, rows, lambda s, g=g: s.language == g) for g in LANGUAGES},
-        "by_kind": {f"{g} {a}": accuracies(samples, rows, lambda s, g=g, a=a: (s.language, s.info["attribute"]) == (g, a))
+        "by_kind": {f"{g} {a}": accuracies(samples, rows,
+                                           lambda s, g=g, a=a: (s.language, s.info["attribute"]) == (g, a))
                     for g in LANGUAGES for a in ATTRIBUTE_NAMES},
     }
 
