@@ -23,9 +23,55 @@ def supervised_token_losses(
     shift_labels = labels[:, 1:]
     keep = shift_labels != -100  # [B, T-1]
     picked = hidden_states[:, :-1][keep]  # [N, hidden]
+    distinct = distinct_rows(lm_head)
+    if distinct is not None:
+        return _losses_over_distinct_rows(picked, shift_labels[keep], *distinct, label_smoothing), keep
     logits = lm_head(picked).float()  # [N, vocab]
     losses = F.cross_entropy(logits, shift_labels[keep], reduction="none", label_smoothing=label_smoothing)
     return losses, keep
+
+
+def distinct_rows(lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(the distinct rows [U, hidden], log of how often each occurs [U], each row's distinct index [vocab]) of a
+    frozen LM head in which fewer than half the rows are distinct; None for any other head. Cached on the head
+    while its weight is unchanged.
+
+    Equal rows give equal logits, so the softmax needs each once, weighted by its count. The CPU demo's tiny
+    QWen is such a head: the ~1,030 ids its text uses, and one row repeated for the 150,909 others
+    (demo/compact_vocab.py); a real checkpoint has none and takes the ordinary path after one cheap check. Only
+    a plain nn.Linear without bias whose weight is frozen and whole (not a DeepSpeed or FSDP shard, not
+    quantised) qualifies, as the weight is read directly.
+    """
+    weight = getattr(lm_head, "weight", None)
+    if (type(lm_head) is not nn.Linear or lm_head.bias is not None or weight is None or weight.requires_grad
+            or weight.dim() != 2 or weight.shape != (lm_head.out_features, lm_head.in_features)
+            or hasattr(weight, "ds_id")):
+        return None
+    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+    cached = getattr(lm_head, "_distinct_rows", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    result = None
+    with torch.no_grad():
+        # cheap first: rows with distinct sums are distinct, so many distinct sums rule the path out
+        if torch.unique(weight.float().sum(dim=1)).numel() * 2 < weight.shape[0]:
+            rows, inverse, counts = torch.unique(weight, dim=0, return_inverse=True, return_counts=True)
+            if rows.shape[0] * 2 < weight.shape[0]:
+                result = (rows, counts.float().log(), inverse)
+    lm_head._distinct_rows = (key, result)
+    return result
+
+
+def _losses_over_distinct_rows(picked: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                               log_counts: torch.Tensor, inverse: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """F.cross_entropy over the full vocabulary, computed from each distinct row once (see `distinct_rows`)."""
+    logits = F.linear(picked, rows).float()  # [N, U]
+    log_normaliser = torch.logsumexp(logits + log_counts, dim=-1)  # log sum over all vocab rows of exp(logit)
+    nll = log_normaliser - logits.gather(1, inverse[targets].unsqueeze(1)).squeeze(1)
+    if not label_smoothing:
+        return nll
+    mean_logit = (logits * log_counts.exp()).sum(-1) / inverse.numel()  # the mean over the full vocabulary
+    return (1 - label_smoothing) * nll + label_smoothing * (log_normaliser - mean_logit)
 
 
 def normalise_loss(total: torch.Tensor, keep: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:

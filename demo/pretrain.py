@@ -273,15 +273,15 @@ def text_accuracy(model, tokenizer, seed: int, n_per_kind: int = 40, vocab: Comp
 CLIP_PROMPT = "a photo of a {c} {s} in the {p} corner"  # CLIP-style English captions
 
 
-def pretrain_clip_in_child(clip_dir: Path, demo: DemoConfig, threads: int) -> tuple[list[float], float]:
-    """`pretrain_clip` in a worker process on `threads` threads: (losses, seconds)."""
-    torch.set_num_threads(threads)
+def pretrain_clip_in_child(clip_dir: Path, demo: DemoConfig, threads: dict[int, int]) -> tuple[list[float], float]:
+    """`pretrain_clip` in a worker process: (losses, seconds)."""
     started = time.time()
-    losses = pretrain_clip(clip_dir, demo)
+    losses = pretrain_clip(clip_dir, demo, threads=threads)
     return losses, round(time.time() - started, 1)
 
 
-def pretrain_clip(clip_dir: Path, demo: DemoConfig, log_every: int = 50) -> list[float]:
+def pretrain_clip(clip_dir: Path, demo: DemoConfig, log_every: int = 50, threads: dict[int, int] | None = None
+                  ) -> list[float]:
     """Contrastive image-text training of the tiny CLIP (both towers), then saved over its weights.
 
     The real tower (openai/clip-vit-large-patch14) was trained this way on captioned pictures, which is why
@@ -311,6 +311,8 @@ def pretrain_clip(clip_dir: Path, demo: DemoConfig, log_every: int = 50) -> list
     model.train()
     losses, started = [], time.time()
     for step in range(demo.clip_pretrain_steps):
+        if threads and step in threads:  # {step: torch threads from that step on}: fixed steps, so the result
+            torch.set_num_threads(threads[step])  # does not depend on timing (a thread count can change sums)
         chosen = torch.from_numpy(rng.permutation(len(items))[:batch])
         picture = chosen * n + torch.from_numpy(rng.integers(0, n, size=batch))
         loss = model(input_ids=text_ids[chosen], pixel_values=pixels[picture], return_loss=True).loss

@@ -131,3 +131,34 @@ def test_compact_vocab_maps_ids_and_refuses_unused_ones():
     expected_head = torch.tensor([[1.0, 2.0]]).repeat(12, 1)
     expected_head[[2, 7, 9]] = full["lm_head.weight"][[2, 7, 9]]
     assert torch.equal(back["lm_head.weight"], expected_head)
+
+
+def test_prepare_pretrains_the_tower_in_a_child_process_exactly_as_in_this_one(tmp_path: Path):
+    """demo.prepare runs the tower's pretraining in a child process beside the text pretraining; the tower it
+    writes is the one the same pretraining gives in this process, with the same thread schedule (fixed steps)."""
+    from demo.prepare import CLIP_ALONE_FROM, REPORT, prepare
+
+    clip = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+            "patch_size": 14, "position_embedding_scale": 16.0}
+    demo = DemoConfig(workdir=str(tmp_path / "work"), seed=5, image_size=56, n_train_images=4, n_caption_images=2,
+                      n_heldout_images=2, clip=clip, vocab_size=300, pretrain_steps=2, pretrain_batch_size=2,
+                      qwen={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                            "intermediate_size": 64},
+                      clip_pretrain_steps=6, clip_pretrain_images_per_caption=1)
+    work = prepare(demo)
+
+    report = json.loads((work / REPORT).read_text())
+    assert report["seconds"]["clip"] > 0 and report["clip_final_loss"] > 0
+    reference = tmp_path / "reference"
+    write_tiny_clip_checkpoint(reference, image_size=56, seed=5, **clip)
+    initial = load_file(reference / "model.safetensors")
+    threads = torch.get_num_threads()
+    schedule = {0: max(1, threads - threads // 2), int(CLIP_ALONE_FROM * 6): threads}
+    try:
+        pretrain_clip(reference, demo, log_every=1000, threads=schedule)
+    finally:
+        torch.set_num_threads(threads)
+    written, expected = load_file(work / "tiny-clip" / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
+    assert not all(torch.equal(written[k], initial[k]) for k in initial)  # it did train
