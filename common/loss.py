@@ -53,9 +53,16 @@ def distinct_rows(lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch
         return cached[1]
     result = None
     with torch.no_grad():
-        # cheap first: rows with distinct sums are distinct, so many distinct sums rule the path out
-        if torch.unique(weight.float().sum(dim=1)).numel() * 2 < weight.shape[0]:
-            rows, inverse, counts = torch.unique(weight, dim=0, return_inverse=True, return_counts=True)
+        # rows with different sums differ: group the rows by their sum, and if each row equals the first row of
+        # its group, the groups are the distinct rows (else, rarely, equal sums of different rows: sort them all)
+        sums, inverse = torch.unique(weight.float().sum(dim=1), return_inverse=True)
+        if sums.numel() * 2 < weight.shape[0]:
+            index = torch.arange(weight.shape[0], device=weight.device)
+            first = torch.full_like(sums, weight.shape[0], dtype=torch.long).scatter_reduce(0, inverse, index, "amin")
+            if torch.equal(weight, weight[first[inverse]]):
+                rows, counts = weight[first], torch.bincount(inverse, minlength=sums.numel())
+            else:
+                rows, inverse, counts = torch.unique(weight, dim=0, return_inverse=True, return_counts=True)
             if rows.shape[0] * 2 < weight.shape[0]:
                 result = (rows, counts.float().log(), inverse)
     lm_head._distinct_rows = (key, result)

@@ -40,6 +40,8 @@ def test_repeated_rows_give_the_full_vocabulary_loss_and_gradients(eps):
     labels[:, :3] = -100
     labels[1, 5] = VOCAB - 1  # an id of the repeated row as a target
     assert distinct_rows(head) is not None and distinct_rows(head)[0].shape[0] == USED + 1
+    rows, log_counts, inverse = distinct_rows(head)
+    assert torch.equal(rows[inverse], head.weight) and log_counts.exp().sum().round() == VOCAB
 
     ours, keep = supervised_token_losses(hidden, labels, head, eps)
     expected = reference(hidden, labels, head, eps)
@@ -58,6 +60,16 @@ def test_other_heads_take_the_ordinary_path():
     with torch.no_grad():
         with_bias.weight[USED:] = 1.0
     assert distinct_rows(with_bias) is None
+
+
+def test_rows_with_equal_sums_are_told_apart():
+    head = repeated_head()
+    with torch.no_grad():
+        head.weight[USED: USED + 500] = head.weight[USED].flip(0)  # the same sum, another row
+    rows, log_counts, inverse = distinct_rows(head)
+    counts = sorted(log_counts.exp().round().int().tolist())
+    assert rows.shape[0] == USED + 2 and counts[-2:] == [500, VOCAB - USED - 500]
+    assert torch.equal(rows[inverse], head.weight)
 
 
 def test_the_cache_follows_the_weight():
