@@ -33,8 +33,8 @@ def supervised_token_losses(
 
 def distinct_rows(lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(the distinct rows [U, hidden], log of how often each occurs [U], each row's distinct index [vocab]) of a
-    frozen LM head in which fewer than half the rows are distinct; None for any other head. Cached on the head
-    while its weight is unchanged.
+    frozen LM head (or any, with gradients off) in which fewer than half the rows are distinct; None for any other
+    head. Cached on the head while its weight is unchanged.
 
     Equal rows give equal logits, so the softmax needs each once, weighted by its count. The CPU demo's tiny
     QWen is such a head: the ~1,030 ids its text uses, and one row repeated for the 150,909 others
@@ -43,9 +43,9 @@ def distinct_rows(lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch
     quantised) qualifies, as the weight is read directly.
     """
     weight = getattr(lm_head, "weight", None)
-    if (type(lm_head) is not nn.Linear or lm_head.bias is not None or weight is None or weight.requires_grad
-            or weight.dim() != 2 or weight.shape != (lm_head.out_features, lm_head.in_features)
-            or hasattr(weight, "ds_id")):
+    if (type(lm_head) is not nn.Linear or lm_head.bias is not None or weight is None
+            or (weight.requires_grad and torch.is_grad_enabled()) or weight.dim() != 2
+            or weight.shape != (lm_head.out_features, lm_head.in_features) or hasattr(weight, "ds_id")):
         return None
     key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
     cached = getattr(lm_head, "_distinct_rows", None)
@@ -67,6 +67,16 @@ def distinct_rows(lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch
                 result = (rows, counts.float().log(), inverse)
     lm_head._distinct_rows = (key, result)
     return result
+
+
+def lm_logits(hidden_states: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """`lm_head(hidden_states)`, the product computed once per distinct row when the head's rows repeat
+    (`distinct_rows`): generation with the demo's tiny QWen then costs ~1,000 rows per token, not 151,936."""
+    distinct = distinct_rows(lm_head)
+    if distinct is None:
+        return lm_head(hidden_states)
+    rows, _, inverse = distinct
+    return F.linear(hidden_states, rows).index_select(-1, inverse)
 
 
 def _losses_over_distinct_rows(picked: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,

@@ -36,7 +36,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import logging
 
 from common.checkpointing import non_reentrant
-from common.loss import normalise_loss, supervised_token_losses
+from common.loss import lm_logits, normalise_loss, supervised_token_losses
 
 from .checkpoint import checkpoint_shapes
 from .configuration_qwen import QWenConfig
@@ -495,7 +495,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         logits = None
         if return_logits or labels is None:
             kept = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
-            logits = self.lm_head(kept)
+            logits = lm_logits(kept, self.lm_head)
         return QWenCausalLMOutput(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             row_loss_sums=row_loss_sums,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.loss import distinct_rows, supervised_token_losses
+from common.loss import distinct_rows, lm_logits, supervised_token_losses
 
 VOCAB, HIDDEN, USED = 3000, 16, 40
 
@@ -78,3 +78,15 @@ def test_the_cache_follows_the_weight():
     with torch.no_grad():
         head.weight[USED:] = torch.randn(VOCAB - USED, HIDDEN)  # an in-place change: the rows are distinct now
     assert distinct_rows(head) is None
+
+
+def test_logits_from_distinct_rows_are_the_heads_own():
+    """Generation's logits (with gradients off, also for a head that would train) equal lm_head(hidden)."""
+    hidden = torch.randn(2, 5, HIDDEN)
+    for head in (repeated_head(), repeated_head(frozen=False)):
+        with torch.no_grad():
+            assert distinct_rows(head) is not None
+            logits = lm_logits(hidden, head)
+            torch.testing.assert_close(logits, head(hidden), rtol=1e-5, atol=1e-5)
+        assert torch.equal(logits.argmax(-1), head(hidden).argmax(-1))
+    assert distinct_rows(repeated_head(frozen=False)) is None  # gradients on: its rows may change
