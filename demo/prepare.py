@@ -41,7 +41,7 @@ STAMP = "prepared.json"
 REPORT = "prepare_report.json"  # seconds per part, final losses, the text pretraining's answers (bench/demo_seeds.py)
 CREATED_BY = "demo.prepare"
 CHECKOUT = Path(__file__).resolve().parents[1]
-CLIP_ALONE_FROM = 0.4  # the share of the tower's steps after which it runs on every core (see prepare)
+CLIP_ALONE_FROM = 0.45  # the share of the tower's steps after which it runs on every core (see prepare)
 
 
 class WorkdirError(ValueError):
