@@ -57,13 +57,13 @@ def random_item(rng: np.random.Generator) -> Item:
     return Item(rng.choice(list(COLOURS)), rng.choice(list(SHAPES)), rng.choice(list(POSITIONS)))
 
 
-def text_conversation(rng: np.random.Generator, n_turns: int | None = None) -> list[tuple[str, str]]:
+def text_conversation(rng: np.random.Generator, n_turns: int | None = None, captions: bool = True
+                      ) -> list[tuple[str, str]]:
     """[(query, answer), ...]: a described shape, then `n_turns` (default: random, 1 to MAX_TEXT_TURNS) questions
-    about it (the description
-    in the first query, in that question's language 4 times in 5; each question of a random kind, in a random
-    wording of `pretraining_wordings`), or one caption request."""
+    about it (the description in the first query, in that question's language 4 times in 5; each question of a
+    random kind, in a random wording of `pretraining_wordings`), or one caption request (when `captions`)."""
     item = random_item(rng)
-    if rng.random() < 0.12:
+    if captions and rng.random() < 0.12:
         caption = AIC_TEMPLATES[rng.integers(len(AIC_TEMPLATES))].format(
             p=item.answer("position", "zh"), c=item.answer("colour", "zh"), s=item.answer("shape", "zh")
         )
@@ -143,13 +143,15 @@ Move the small green circle to the upper left, then put the large orange square 
 def vocab_corpus() -> str:
     """The tiny BPE's training text: the built-in corpus, the demo's own text, its questions and answer words.
 
-    A real Qwen vocabulary has "blue", "circle", "bottom" and "正方形" as whole tokens; learnt from the
-    built-in corpus alone, an answer at the start of a reply ("blue", no leading space) is split into
-    single letters. Each supervised token costs a 151936-way softmax, so this also keeps training cheap.
+    A real Qwen vocabulary has "blue", "circle", "bottom" and "正方形" as whole tokens, and the ChatML role names
+    "system", "user" and "assistant"; learnt from the built-in corpus alone, an answer at the start of a reply
+    ("blue", no leading space) is split into single letters, and so is "system" in every conversation's first
+    line. Whole words also make every row shorter, so training is cheaper.
     """
     answers = [getattr(word, lang) for vocab in ATTRIBUTES.values() for word in vocab.values() for lang in ("en", "zh")]
     questions = [w for kind in KINDS for w in pretraining_wordings(kind)]  # never NEVER_SEEN: no text contains them
-    lines = answers * 4 + questions + list(CAPTION_PROMPTS)
+    roles = ["system", "user", "assistant"]
+    lines = answers * 4 + roles * 8 + questions + list(CAPTION_PROMPTS)
     return DEFAULT_CORPUS + DEMO_CORPUS + "\n".join(lines) + "\n"
 
 
@@ -168,11 +170,12 @@ def text_batch(tokenizer, rng: np.random.Generator, batch_size: int, short: bool
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """`batch_size` text conversations (full-vocabulary ids), padded, every token supervised (next-token
     prediction on the whole text, as a pretraining is; the answers alone are too little signal for a model this
-    small). `short`: one question each and no system prompt. One number of questions per batch, so that its rows
-    are about equally long (little padding)."""
+    small). `short`: one question each, no system prompt and no caption request (whose long answers would pad
+    the rest). One number of questions per batch, so that its rows are about equally long (little padding)."""
     n_turns = 1 if short else random_turns(rng)
     system = "" if short else DEFAULT_SYSTEM
-    batch = [encode_text_example(tokenizer, text_conversation(rng, n_turns), system)[0] for _ in range(batch_size)]
+    batch = [encode_text_example(tokenizer, text_conversation(rng, n_turns, captions=not short), system)[0]
+             for _ in range(batch_size)]
     return pad_batch([(ids, ids) for ids in batch], tokenizer.pad_token_id)
 
 
