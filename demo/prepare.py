@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
-import os
 import shutil
 import sys
 import time
@@ -101,25 +100,14 @@ def prepare(demo: DemoConfig, *, force: bool = False, inputs: tuple[Path, ...] =
     clip = dict(demo.clip)
     write_tiny_clip_checkpoint(work / "tiny-clip", image_size=demo.image_size, seed=demo.seed, **clip)
     # The tower's contrastive pretraining and the QWen's text pretraining are independent: the first runs in a
-    # child process, on every core, while this one draws the images and runs the second on one thread. The child's
-    # threads wait passively (OMP_WAIT_POLICY): with spinning ones, sharing the cores cost 3x; with passive ones
-    # the two jobs fill the cores and end together. The thread counts are fixed, not changed when this process is
-    # done: a thread count changes a sum's rounding, and the tower must not depend on timing.
+    # child process while this one draws the images and runs the second, each on half the cores.
     threads = max(1, torch.get_num_threads())
     clip_job = None
     if demo.clip_pretrain_steps:
         print(f"demo: contrastive pretraining of the tiny CLIP ({demo.clip_pretrain_steps} steps, in a child process)")
-        wait_policy = os.environ.get("OMP_WAIT_POLICY")
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when the child starts
-        try:
-            pool = multiprocessing.get_context("spawn").Pool(1)
-        finally:
-            if wait_policy is None:
-                os.environ.pop("OMP_WAIT_POLICY")
-            else:
-                os.environ["OMP_WAIT_POLICY"] = wait_policy
-        clip_job = pool.apply_async(pretrain_clip_in_child, (work / "tiny-clip", demo, {0: threads}))
-        torch.set_num_threads(1)
+        pool = multiprocessing.get_context("spawn").Pool(1)
+        clip_job = pool.apply_async(pretrain_clip_in_child, (work / "tiny-clip", demo, max(1, threads - threads // 2)))
+        torch.set_num_threads(max(1, threads // 2))
     try:
         paths = write_demo_raw_data(
             work / "raw", n_train=demo.n_train_images, n_aic=demo.n_caption_images, n_heldout=demo.n_heldout_images,

@@ -50,20 +50,20 @@ SINGLE_TURN_SHARE = 0.5  # the rest: 2 to MAX_TEXT_TURNS questions
 # The first SHORT_STEPS_SHARE of the steps train on short rows: one question, no system prompt. Which description
 # word answers which question is learnt sooner in short rows (measured: with them, 600 steps teach what 1,500 steps
 # of full-length rows did not for every seed); the rest of the steps are in the full chat format.
-SHORT_STEPS_SHARE = 0.7
+SHORT_STEPS_SHARE = 0.5
 
 
 def random_item(rng: np.random.Generator) -> Item:
     return Item(rng.choice(list(COLOURS)), rng.choice(list(SHAPES)), rng.choice(list(POSITIONS)))
 
 
-def text_conversation(rng: np.random.Generator, n_turns: int | None = None, captions: bool = True
-                      ) -> list[tuple[str, str]]:
+def text_conversation(rng: np.random.Generator, n_turns: int | None = None) -> list[tuple[str, str]]:
     """[(query, answer), ...]: a described shape, then `n_turns` (default: random, 1 to MAX_TEXT_TURNS) questions
-    about it (the description in the first query, in that question's language 4 times in 5; each question of a
-    random kind, in a random wording of `pretraining_wordings`), or one caption request (when `captions`)."""
+    about it (the description
+    in the first query, in that question's language 4 times in 5; each question of a random kind, in a random
+    wording of `pretraining_wordings`), or one caption request."""
     item = random_item(rng)
-    if captions and rng.random() < 0.12:
+    if rng.random() < 0.12:
         caption = AIC_TEMPLATES[rng.integers(len(AIC_TEMPLATES))].format(
             p=item.answer("position", "zh"), c=item.answer("colour", "zh"), s=item.answer("shape", "zh")
         )
@@ -143,15 +143,13 @@ Move the small green circle to the upper left, then put the large orange square 
 def vocab_corpus() -> str:
     """The tiny BPE's training text: the built-in corpus, the demo's own text, its questions and answer words.
 
-    A real Qwen vocabulary has "blue", "circle", "bottom" and "正方形" as whole tokens, and the ChatML role names
-    "system", "user" and "assistant"; learnt from the built-in corpus alone, an answer at the start of a reply
-    ("blue", no leading space) is split into single letters, and so is "system" in every conversation's first
-    line. Whole words also make every row shorter, so training is cheaper.
+    A real Qwen vocabulary has "blue", "circle", "bottom" and "正方形" as whole tokens; learnt from the
+    built-in corpus alone, an answer at the start of a reply ("blue", no leading space) is split into
+    single letters. Each supervised token costs a 151936-way softmax, so this also keeps training cheap.
     """
     answers = [getattr(word, lang) for vocab in ATTRIBUTES.values() for word in vocab.values() for lang in ("en", "zh")]
     questions = [w for kind in KINDS for w in pretraining_wordings(kind)]  # never NEVER_SEEN: no text contains them
-    roles = ["system", "user", "assistant"]
-    lines = answers * 4 + roles * 8 + questions + list(CAPTION_PROMPTS)
+    lines = answers * 4 + questions + list(CAPTION_PROMPTS)
     return DEFAULT_CORPUS + DEMO_CORPUS + "\n".join(lines) + "\n"
 
 
@@ -170,12 +168,11 @@ def text_batch(tokenizer, rng: np.random.Generator, batch_size: int, short: bool
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """`batch_size` text conversations (full-vocabulary ids), padded, every token supervised (next-token
     prediction on the whole text, as a pretraining is; the answers alone are too little signal for a model this
-    small). `short`: one question each, no system prompt and no caption request (whose long answers would pad
-    the rest). One number of questions per batch, so that its rows are about equally long (little padding)."""
+    small). `short`: one question each and no system prompt. One number of questions per batch, so that its rows
+    are about equally long (little padding)."""
     n_turns = 1 if short else random_turns(rng)
     system = "" if short else DEFAULT_SYSTEM
-    batch = [encode_text_example(tokenizer, text_conversation(rng, n_turns, captions=not short), system)[0]
-             for _ in range(batch_size)]
+    batch = [encode_text_example(tokenizer, text_conversation(rng, n_turns), system)[0] for _ in range(batch_size)]
     return pad_batch([(ids, ids) for ids in batch], tokenizer.pad_token_id)
 
 
@@ -183,15 +180,6 @@ def text_vocab(tokenizer, full_size: int) -> CompactVocab:
     """The ids the demo's text uses: every BPE rank of the tiny vocabulary and the three ChatML specials."""
     used = list(range(len(tokenizer.mergeable_ranks))) + [tokenizer.eod_id, tokenizer.im_start_id, tokenizer.im_end_id]
     return CompactVocab(used, full_size)
-
-
-def warmup_cosine(step: int, steps: int) -> float:
-    """The learning-rate factor at `step` of `steps`: linear warmup over the first 5%, then cosine to 0.1."""
-    warmup = max(steps // 20, 1)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(steps - warmup, 1)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def pretrain_text(state_dict: dict, config_fields: dict, tokenizer, demo: DemoConfig, log_every: int = 100):
@@ -210,13 +198,21 @@ def pretrain_text(state_dict: dict, config_fields: dict, tokenizer, demo: DemoCo
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: 10x faster on CPU
     optimizer = torch.optim.AdamW(params, lr=demo.pretrain_learning_rate, weight_decay=0.0, fused=True)
+    warmup = max(demo.pretrain_steps // 20, 1)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(demo.pretrain_steps - warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
     model.train()
     losses, started = [], time.time()
     for step in range(demo.pretrain_steps):
         short = step < SHORT_STEPS_SHARE * demo.pretrain_steps
         input_ids, labels = text_batch(tokenizer, rng, demo.pretrain_batch_size, short)
         for group in optimizer.param_groups:
-            group["lr"] = demo.pretrain_learning_rate * warmup_cosine(step, demo.pretrain_steps)
+            group["lr"] = demo.pretrain_learning_rate * lr_at(step)
         loss = model(input_ids=vocab.compact_ids(input_ids), labels=vocab.compact_ids(labels), return_logits=False).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -277,15 +273,15 @@ def text_accuracy(model, tokenizer, seed: int, n_per_kind: int = 40, vocab: Comp
 CLIP_PROMPT = "a photo of a {c} {s} in the {p} corner"  # CLIP-style English captions
 
 
-def pretrain_clip_in_child(clip_dir: Path, demo: DemoConfig, threads: dict[int, int]) -> tuple[list[float], float]:
-    """`pretrain_clip` in a worker process: (losses, seconds)."""
+def pretrain_clip_in_child(clip_dir: Path, demo: DemoConfig, threads: int) -> tuple[list[float], float]:
+    """`pretrain_clip` in a worker process on `threads` threads: (losses, seconds)."""
+    torch.set_num_threads(threads)
     started = time.time()
-    losses = pretrain_clip(clip_dir, demo, threads=threads)
+    losses = pretrain_clip(clip_dir, demo)
     return losses, round(time.time() - started, 1)
 
 
-def pretrain_clip(clip_dir: Path, demo: DemoConfig, log_every: int = 50, threads: dict[int, int] | None = None
-                  ) -> list[float]:
+def pretrain_clip(clip_dir: Path, demo: DemoConfig, log_every: int = 50) -> list[float]:
     """Contrastive image-text training of the tiny CLIP (both towers), then saved over its weights.
 
     The real tower (openai/clip-vit-large-patch14) was trained this way on captioned pictures, which is why
@@ -311,16 +307,12 @@ def pretrain_clip(clip_dir: Path, demo: DemoConfig, log_every: int = 50, threads
 
     rng = np.random.default_rng([demo.seed, 101])
     batch = min(demo.clip_pretrain_batch_size, len(items))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=demo.clip_pretrain_learning_rate, weight_decay=0.0, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=demo.clip_pretrain_learning_rate, weight_decay=0.0)
     model.train()
     losses, started = [], time.time()
     for step in range(demo.clip_pretrain_steps):
-        if threads and step in threads:  # {step: torch threads from that step on}: fixed steps, so the result
-            torch.set_num_threads(threads[step])  # does not depend on timing (a thread count can change sums)
         chosen = torch.from_numpy(rng.permutation(len(items))[:batch])
         picture = chosen * n + torch.from_numpy(rng.integers(0, n, size=batch))
-        for group in optimizer.param_groups:  # at a constant 2e-3 it diverged, at 1e-3 it needed 800 steps
-            group["lr"] = demo.clip_pretrain_learning_rate * warmup_cosine(step, demo.clip_pretrain_steps)
         loss = model(input_ids=text_ids[chosen], pixel_values=pixels[picture], return_loss=True).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
