@@ -162,3 +162,17 @@ def test_prepare_pretrains_the_tower_in_a_child_process_exactly_as_in_this_one(t
     assert written.keys() == expected.keys()
     assert all(torch.equal(written[k], expected[k]) for k in expected)
     assert not all(torch.equal(written[k], initial[k]) for k in initial)  # it did train
+
+
+def test_the_towers_pretraining_stops_when_its_parent_is_gone(tmp_path: Path):
+    """In demo.prepare's child process `alive` says whether the process that started it still runs (a killed
+    parent runs no `finally` to stop it): once it is false, the pretraining stops and writes nothing."""
+    clip_dir = tmp_path / "clip"
+    write_tiny_clip_checkpoint(clip_dir, image_size=56, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                               seed=0)
+    before = (clip_dir / "model.safetensors").read_bytes()
+    answers = iter([True, True, False])
+    with pytest.raises(SystemExit, match="the process that started it is gone"):
+        pretrain_clip(clip_dir, DemoConfig(image_size=56, clip_pretrain_steps=5, clip_pretrain_images_per_caption=1),
+                      alive=lambda: next(answers))
+    assert (clip_dir / "model.safetensors").read_bytes() == before
