@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import multiprocessing
 import shutil
 import sys
 import time
@@ -89,7 +88,7 @@ def prepare(demo: DemoConfig, *, force: bool = False, inputs: tuple[Path, ...] =
     # with these settings answer without those seconds of imports
     import torch
 
-    from demo.pretrain import pretrain_clip_in_child, pretrain_text, vocab_corpus
+    from demo.pretrain import pretrain_clip, pretrain_text, vocab_corpus
     from qwen.tiny import random_qwen_state_dict, tiny_qwen_config, write_tiny_qwen_checkpoint
     from visual.tiny_clip import write_tiny_clip_checkpoint
 
@@ -99,47 +98,35 @@ def prepare(demo: DemoConfig, *, force: bool = False, inputs: tuple[Path, ...] =
 
     clip = dict(demo.clip)
     write_tiny_clip_checkpoint(work / "tiny-clip", image_size=demo.image_size, seed=demo.seed, **clip)
-    # The tower's contrastive pretraining and the QWen's text pretraining are independent: the first runs in a
-    # child process while this one draws the images and runs the second, each on half the cores.
-    threads = max(1, torch.get_num_threads())
-    clip_job = None
     if demo.clip_pretrain_steps:
-        print(f"demo: contrastive pretraining of the tiny CLIP ({demo.clip_pretrain_steps} steps, in a child process)")
-        pool = multiprocessing.get_context("spawn").Pool(1)
-        clip_job = pool.apply_async(pretrain_clip_in_child, (work / "tiny-clip", demo, max(1, threads - threads // 2)))
-        torch.set_num_threads(max(1, threads // 2))
-    try:
-        paths = write_demo_raw_data(
-            work / "raw", n_train=demo.n_train_images, n_aic=demo.n_caption_images, n_heldout=demo.n_heldout_images,
-            image_size=demo.image_size, seed=demo.seed,
-        )
-        print(f"demo: synthetic images and annotations written to {paths['root']}")
-        report["seconds"]["images"] = round(time.time() - started, 1)
-        mark = time.time()
-
-        vocab = write_tiny_vocab(work / "qwen.tiktoken", vocab_size=demo.vocab_size, corpus=vocab_corpus())
-        tokenizer = QWenTokenizer(vocab)
-        config_fields = tiny_qwen_config(**demo.qwen)
-        print(f"demo: text pretraining of the tiny QWen ({demo.pretrain_steps} steps)")
-        state_dict, losses, accuracy = pretrain_text(
-            random_qwen_state_dict(config_fields, seed=demo.seed), config_fields, tokenizer, demo
-        )
-        write_tiny_qwen_checkpoint(work / "tiny-qwen", state_dict=state_dict, vocab_file=vocab, **demo.qwen)
-        (work / "qwen.tiktoken").unlink()
-        print(f"demo: tiny QWen written to {work / 'tiny-qwen'}")
-        report["seconds"]["qwen"] = round(time.time() - mark, 1)
-        report["text_final_loss"] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
-        report["text_accuracy"] = accuracy
-        if clip_job is not None:
-            losses, seconds = clip_job.get()  # its exception, if it failed
-            report["clip_final_loss"] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
-            report["seconds"]["clip"] = seconds
-    finally:
-        if clip_job is not None:
-            pool.terminate()  # at once, also when this process failed first
-            pool.join()
-            torch.set_num_threads(threads)
+        print(f"demo: contrastive pretraining of the tiny CLIP ({demo.clip_pretrain_steps} steps)")
+        losses = pretrain_clip(work / "tiny-clip", demo)
+        report["clip_final_loss"] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
     print(f"demo: tiny CLIP written to {work / 'tiny-clip'}")
+    report["seconds"]["clip"] = round(time.time() - started, 1)
+    mark = time.time()
+
+    paths = write_demo_raw_data(
+        work / "raw", n_train=demo.n_train_images, n_aic=demo.n_caption_images, n_heldout=demo.n_heldout_images,
+        image_size=demo.image_size, seed=demo.seed,
+    )
+    print(f"demo: synthetic images and annotations written to {paths['root']}")
+    report["seconds"]["images"] = round(time.time() - mark, 1)
+    mark = time.time()
+
+    vocab = write_tiny_vocab(work / "qwen.tiktoken", vocab_size=demo.vocab_size, corpus=vocab_corpus())
+    tokenizer = QWenTokenizer(vocab)
+    config_fields = tiny_qwen_config(**demo.qwen)
+    print(f"demo: text pretraining of the tiny QWen ({demo.pretrain_steps} steps)")
+    state_dict, losses, accuracy = pretrain_text(
+        random_qwen_state_dict(config_fields, seed=demo.seed), config_fields, tokenizer, demo
+    )
+    write_tiny_qwen_checkpoint(work / "tiny-qwen", state_dict=state_dict, vocab_file=vocab, **demo.qwen)
+    (work / "qwen.tiktoken").unlink()
+    print(f"demo: tiny QWen written to {work / 'tiny-qwen'}")
+    report["seconds"]["qwen"] = round(time.time() - mark, 1)
+    report["text_final_loss"] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
+    report["text_accuracy"] = accuracy
 
     write_json(work / REPORT, report)
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -274,17 +273,7 @@ def text_accuracy(model, tokenizer, seed: int, n_per_kind: int = 40, vocab: Comp
 CLIP_PROMPT = "a photo of a {c} {s} in the {p} corner"  # CLIP-style English captions
 
 
-def pretrain_clip_in_child(clip_dir: Path, demo: DemoConfig, threads: int) -> tuple[list[float], float]:
-    """`pretrain_clip` in a worker process on `threads` threads: (losses, seconds). It stops when the process
-    that started it is gone (killed: no `finally` of its ran to stop this one)."""
-    torch.set_num_threads(threads)
-    started = time.time()
-    parent = os.getppid()
-    losses = pretrain_clip(clip_dir, demo, alive=lambda: os.getppid() == parent)
-    return losses, round(time.time() - started, 1)
-
-
-def pretrain_clip(clip_dir: Path, demo: DemoConfig, log_every: int = 50, alive=None) -> list[float]:
+def pretrain_clip(clip_dir: Path, demo: DemoConfig, log_every: int = 50) -> list[float]:
     """Contrastive image-text training of the tiny CLIP (both towers), then saved over its weights.
 
     The real tower (openai/clip-vit-large-patch14) was trained this way on captioned pictures, which is why
@@ -314,8 +303,6 @@ def pretrain_clip(clip_dir: Path, demo: DemoConfig, log_every: int = 50, alive=N
     model.train()
     losses, started = [], time.time()
     for step in range(demo.clip_pretrain_steps):
-        if alive is not None and not alive():
-            raise SystemExit("demo: the tower's pretraining stops: the process that started it is gone")
         chosen = torch.from_numpy(rng.permutation(len(items))[:batch])
         picture = chosen * n + torch.from_numpy(rng.integers(0, n, size=batch))
         loss = model(input_ids=text_ids[chosen], pixel_values=pixels[picture], return_loss=True).loss
