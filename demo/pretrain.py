@@ -59,9 +59,8 @@ def random_item(rng: np.random.Generator) -> Item:
 
 def text_conversation(rng: np.random.Generator, n_turns: int | None = None) -> list[tuple[str, str]]:
     """[(query, answer), ...]: a described shape, then `n_turns` (default: random, 1 to MAX_TEXT_TURNS) questions
-    about it (the description
-    in the first query, in that question's language 4 times in 5; each question of a random kind, in a random
-    wording of `pretraining_wordings`), or one caption request."""
+    about it (the description in the first query, in that question's language 4 times in 5; each question of a
+    random kind, in a random wording of `pretraining_wordings`), or one caption request."""
     item = random_item(rng)
     if rng.random() < 0.12:
         caption = AIC_TEMPLATES[rng.integers(len(AIC_TEMPLATES))].format(
@@ -145,7 +144,7 @@ def vocab_corpus() -> str:
 
     A real Qwen vocabulary has "blue", "circle", "bottom" and "正方形" as whole tokens; learnt from the
     built-in corpus alone, an answer at the start of a reply ("blue", no leading space) is split into
-    single letters. Each supervised token costs a 151936-way softmax, so this also keeps training cheap.
+    single letters; whole words also keep the rows short.
     """
     answers = [getattr(word, lang) for vocab in ATTRIBUTES.values() for word in vocab.values() for lang in ("en", "zh")]
     questions = [w for kind in KINDS for w in pretraining_wordings(kind)]  # never NEVER_SEEN: no text contains them
