@@ -101,7 +101,7 @@ class DemoConfig:
     pretrain_steps: int = 600
     pretrain_batch_size: int = 32
     pretrain_learning_rate: float = 3e-3
-    clip_pretrain_steps: int = 800  # contrastive image-text training of the tiny CLIP before it is frozen (0: none)
+    clip_pretrain_steps: int = 500  # contrastive image-text training of the tiny CLIP before it is frozen (0: none)
     clip_pretrain_batch_size: int = 64  # distinct captions per batch (at most the 72 there are)
-    clip_pretrain_learning_rate: float = 1e-3
+    clip_pretrain_learning_rate: float = 2e-3
     clip_pretrain_images_per_caption: int = 48  # pictures drawn for each of the 72 captions

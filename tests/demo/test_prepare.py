@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
-from demo.pretrain import pretrain_clip, vocab_corpus
+from demo.pretrain import clip_image_embeds, clip_loss, pretrain_clip, vocab_corpus
 from qwen import QWenTokenizer
 from qwen.tiny_vocab import write_tiny_vocab
 from settings import DemoConfig
@@ -68,6 +68,36 @@ def test_clip_pretraining_learns_and_keeps_the_official_layout(tmp_path: Path):
     with torch.no_grad():
         expected = reference(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         torch.testing.assert_close(tower(pixels), expected)
+
+
+def test_clip_loss_with_the_class_token_alone_in_the_last_layer_is_clips_own(tmp_path: Path):
+    # The tower's pretraining computes its last layer for the class token only (what the loss reads): the loss,
+    # every gradient and the image embeddings must be those of CLIPModel's own forward (float64: equal up to
+    # summation order).
+    write_tiny_clip_checkpoint(tmp_path / "clip", image_size=56, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=3, num_attention_heads=4, seed=0, position_embedding_scale=16.0)
+    model = CLIPModel.from_pretrained(tmp_path / "clip").double()
+    torch.manual_seed(0)
+    pixels = torch.randn(6, 3, 56, 56, dtype=torch.float64)
+    vocab = model.config.text_config.vocab_size
+    input_ids = torch.cat([torch.full((6, 1), vocab - 2), torch.randint(1, 40, (6, 7)), torch.full((6, 1), vocab - 1)],
+                          dim=1)
+    params = list(model.parameters())
+
+    reference = model(input_ids=input_ids, pixel_values=pixels, return_loss=True).loss
+    expected = torch.autograd.grad(reference, params, allow_unused=True)
+    ours = clip_loss(model, input_ids, pixels)
+    got = torch.autograd.grad(ours, params, allow_unused=True)
+
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    for (name, _), e, g in zip(model.named_parameters(), expected, got):
+        assert (e is None) == (g is None), name
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-12, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(clip_image_embeds(model, pixels),
+                                   model.get_image_features(pixel_values=pixels).pooler_output, rtol=0, atol=1e-12)
+    assert sum(e is not None and bool(e.abs().sum() > 0) for e in expected) > 50  # real gradients were compared
 
 
 def test_compact_text_pretraining_is_the_full_size_model(tmp_path: Path):
