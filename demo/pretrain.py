@@ -278,7 +278,8 @@ def clip_image_embeds(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Ten
 
     The contrastive loss reads the last layer at the class token only, so the other tokens' queries, attention
     outputs and MLPs there are wasted work (a quarter of the tower's, with 3 layers); this computes what
-    `model.get_image_features` does, in the same operations, minus those (tests/test_demo_pretrain.py compares).
+    `model.get_image_features` does for the class token, without them (tests/demo/test_prepare.py compares the
+    loss, every gradient and the embeddings with CLIPModel's own forward).
     """
     vision = model.vision_model
     hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
@@ -286,7 +287,7 @@ def clip_image_embeds(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Ten
     for layer in layers:
         hidden = layer(hidden, None)
     attention = last.self_attn
-    batch, tokens, width = hidden.shape
+    batch, _, width = hidden.shape
     normed = last.layer_norm1(hidden)
 
     def heads(x: torch.Tensor) -> torch.Tensor:  # [B, T, width] -> [B, heads, T, head_dim]
@@ -339,7 +340,7 @@ def pretrain_clip(clip_dir: Path, demo: DemoConfig, log_every: int = 50) -> list
     rng = np.random.default_rng([demo.seed, 101])
     batch = min(demo.clip_pretrain_batch_size, len(items))
     optimizer = torch.optim.AdamW(model.parameters(), lr=demo.clip_pretrain_learning_rate, weight_decay=0.0, fused=True)
-    warmup = max(demo.clip_pretrain_steps // 20, 1)  # then constant: the loss drops late (when shape is learnt)
+    warmup = max(demo.clip_pretrain_steps // 20, 1)  # then constant: the loss drops late (docs/DEMO.md)
     model.train()
     losses, started = [], time.time()
     for step in range(demo.clip_pretrain_steps):
