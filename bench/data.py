@@ -31,6 +31,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/NAME.py`: the checkout's root on the path instead of bench/,
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # whose modules would shadow top-level ones
 
+from bench.requires import require_packages
+
+require_packages("bench/data.py")
+
 import argparse
 import json
 import platform
