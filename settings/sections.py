@@ -98,7 +98,7 @@ class DemoConfig:
                                                 "intermediate_size": 256, "patch_size": 14,
                                                 "position_embedding_scale": 16.0})
     vocab_size: int = 1024  # BPE ranks of the tiny vocabulary (specials stay at 151643..)
-    pretrain_steps: int = 600
+    pretrain_steps: int = 900
     pretrain_batch_size: int = 32
     pretrain_learning_rate: float = 3e-3
     clip_pretrain_steps: int = 500  # contrastive image-text training of the tiny CLIP before it is frozen (0: none)

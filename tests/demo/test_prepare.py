@@ -162,3 +162,80 @@ def test_compact_vocab_maps_ids_and_refuses_unused_ones():
     expected_head[[2, 7, 9]] = full["lm_head.weight"][[2, 7, 9]]
     assert torch.equal(back["lm_head.weight"], expected_head)
 
+
+
+def tiny_demo(work: Path, **changes) -> DemoConfig:
+    return DemoConfig(workdir=str(work), seed=2, image_size=56, n_train_images=3, n_caption_images=2,
+                      n_heldout_images=2, qwen={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                               "intermediate_size": 64},
+                      clip={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                            "intermediate_size": 64, "patch_size": 14, "position_embedding_scale": 12.0},
+                      pretrain_steps=3, pretrain_batch_size=4, clip_pretrain_steps=3, clip_pretrain_batch_size=8,
+                      clip_pretrain_images_per_caption=1, **changes)
+
+
+def folder_contents(root: Path) -> dict:
+    """{relative path: tensors (safetensors) or bytes}, every file under `root`."""
+    return {str(p.relative_to(root)): load_file(p) if p.suffix == ".safetensors" else p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    left, right = folder_contents(a), folder_contents(b)
+    assert left.keys() == right.keys()
+    for name, value in left.items():
+        if isinstance(value, dict):
+            assert value.keys() == right[name].keys(), name
+            assert all(torch.equal(value[k], right[name][k]) for k in value), name
+        else:
+            assert value == right[name], name
+
+
+def test_prepare_builds_in_two_processes_what_one_process_builds(tmp_path: Path):
+    # prepare() pretrains the tower here while a second process builds the tiny QWen and the data: the models and
+    # files must be those of the same steps run one after the other in one process, on the same thread counts
+    # (the numbers of a matrix product depend on how many threads share it), and a second run must repeat them.
+    from demo.prepare import build_qwen_and_data, prepare
+
+    demo = tiny_demo(tmp_path / "two")
+    prepare(demo)
+    cores = torch.get_num_threads()
+    one = tmp_path / "one"
+    one.mkdir()
+    try:
+        torch.set_num_threads(max(1, cores // 2))
+        torch.manual_seed(demo.seed)
+        report = build_qwen_and_data(demo, one)
+        torch.set_num_threads(max(1, cores - max(1, cores // 2)))
+        torch.manual_seed(demo.seed)
+        write_tiny_clip_checkpoint(one / "tiny-clip", image_size=demo.image_size, seed=demo.seed, **demo.clip)
+        pretrain_clip(one / "tiny-clip", demo, log_every=1000)
+    finally:
+        torch.set_num_threads(cores)
+    for part in ("tiny-clip", "tiny-qwen", "raw"):
+        assert_same_files(tmp_path / "two" / part, one / part)
+    written = json.loads((tmp_path / "two" / "prepare_report.json").read_text())
+    assert written["text_accuracy"] == report["text_accuracy"]
+    assert written["text_final_loss"] == report["text_final_loss"]
+    assert set(written["seconds"]) == {"clip", "images", "qwen"}
+
+    again = tiny_demo(tmp_path / "again")
+    prepare(again)
+    for part in ("tiny-clip", "tiny-qwen", "raw"):
+        assert_same_files(tmp_path / "two" / part, tmp_path / "again" / part)
+
+
+def test_a_failure_in_the_second_process_is_one_error_and_leaves_no_stamp(tmp_path: Path, capfd):
+    from demo.prepare import STAMP, main
+
+    work = tmp_path / "work"
+    fields = {k: v for k, v in vars(tiny_demo(work, vocab_size=200)).items()}  # too few ranks for the bytes
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"demo": fields}))  # JSON is YAML
+    assert main(["--config", str(config)]) == 1
+    err = capfd.readouterr().err  # file descriptor 2: the second process's traceback too, then the one-line error
+    assert "Traceback (most recent call last)" in err and "in build_qwen_and_data" in err, err
+    last = err.strip().splitlines()[-1]
+    assert last == ("demo.prepare: error: building the tiny QWen and the data failed: ValueError: vocab_size must "
+                    "be at least 256 (the single bytes), got 200"), err
+    assert not (work / STAMP).exists()
