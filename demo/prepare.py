@@ -122,7 +122,6 @@ def prepare(demo: DemoConfig, *, force: bool = False, inputs: tuple[Path, ...] =
             report["clip_final_loss"] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
         print(f"demo: tiny CLIP written to {work / 'tiny-clip'}", flush=True)
         report["seconds"]["clip"] = round(time.time() - started, 1)
-        torch.set_num_threads(cores)
         try:
             status, answer = receiver.recv()
         except EOFError:
@@ -132,6 +131,7 @@ def prepare(demo: DemoConfig, *, force: bool = False, inputs: tuple[Path, ...] =
         if status != "ok":
             raise PrepareError(f"building the tiny QWen and the data failed: {answer}")
     finally:
+        torch.set_num_threads(cores)  # as it was, also when the tower's pretraining fails (prepare() as a library)
         if worker.is_alive():
             worker.terminate()
         worker.join()

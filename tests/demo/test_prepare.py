@@ -198,8 +198,9 @@ def test_prepare_builds_in_two_processes_what_one_process_builds(tmp_path: Path)
     from demo.prepare import build_qwen_and_data, prepare
 
     demo = tiny_demo(tmp_path / "two")
-    prepare(demo)
     cores = torch.get_num_threads()
+    prepare(demo)
+    assert torch.get_num_threads() == cores  # restored after the tower's pretraining on its share of the cores
     one = tmp_path / "one"
     one.mkdir()
     try:
@@ -232,7 +233,9 @@ def test_a_failure_in_the_second_process_is_one_error_and_leaves_no_stamp(tmp_pa
     fields = {k: v for k, v in vars(tiny_demo(work, vocab_size=200)).items()}  # too few ranks for the bytes
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({"demo": fields}))  # JSON is YAML
+    threads = torch.get_num_threads()
     assert main(["--config", str(config)]) == 1
+    assert torch.get_num_threads() == threads
     err = capfd.readouterr().err  # file descriptor 2: the second process's traceback too, then the one-line error
     assert "Traceback (most recent call last)" in err and "in build_qwen_and_data" in err, err
     last = err.strip().splitlines()[-1]
