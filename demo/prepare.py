@@ -106,7 +106,7 @@ def prepare(demo: DemoConfig, *, force: bool = False, inputs: tuple[Path, ...] =
     # (1.5-1.7x), so one core each is sooner than both cores for one, then for the other. The thread counts
     # are fixed by the machine's cores, never by timing, so a seed gives the same models on every run.
     cores = torch.get_num_threads()
-    text_threads = max(1, cores // 2)
+    tower_threads, text_threads = thread_shares(cores)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP or torch state
     receiver, sender = context.Pipe(duplex=False)
     worker = context.Process(target=_qwen_and_data_job, args=(demo, str(work), text_threads, sender),
@@ -114,7 +114,7 @@ def prepare(demo: DemoConfig, *, force: bool = False, inputs: tuple[Path, ...] =
     worker.start()
     sender.close()  # the worker holds the only sending end: its exit without an answer reads as EOF below
     try:
-        torch.set_num_threads(max(1, cores - text_threads))
+        torch.set_num_threads(tower_threads)
         report = {"seconds": {}}
         if demo.clip_pretrain_steps:
             print(f"demo: contrastive pretraining of the tiny CLIP ({demo.clip_pretrain_steps} steps)", flush=True)
@@ -144,6 +144,12 @@ def prepare(demo: DemoConfig, *, force: bool = False, inputs: tuple[Path, ...] =
     write_json(work / STAMP, settings)
     print(f"demo: prepared in {time.time() - started:.0f} s")
     return work
+
+
+def thread_shares(cores: int) -> tuple[int, int]:
+    """(the tower's threads, the second process's) on `cores` threads: half each, at least one."""
+    text = max(1, cores // 2)
+    return max(1, cores - text), text
 
 
 def build_qwen_and_data(demo: DemoConfig, work: Path) -> dict:

@@ -3,6 +3,7 @@ QWen's text pretraining over a compact vocabulary."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -163,7 +164,6 @@ def test_compact_vocab_maps_ids_and_refuses_unused_ones():
     assert torch.equal(back["lm_head.weight"], expected_head)
 
 
-
 def tiny_demo(work: Path, **changes) -> DemoConfig:
     return DemoConfig(workdir=str(work), seed=2, image_size=56, n_train_images=3, n_caption_images=2,
                       n_heldout_images=2, qwen={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -195,7 +195,7 @@ def test_prepare_builds_in_two_processes_what_one_process_builds(tmp_path: Path)
     # prepare() pretrains the tower here while a second process builds the tiny QWen and the data: the models and
     # files must be those of the same steps run one after the other in one process, on the same thread counts
     # (the numbers of a matrix product depend on how many threads share it), and a second run must repeat them.
-    from demo.prepare import build_qwen_and_data, prepare
+    from demo.prepare import build_qwen_and_data, prepare, thread_shares
 
     demo = tiny_demo(tmp_path / "two")
     cores = torch.get_num_threads()
@@ -203,11 +203,12 @@ def test_prepare_builds_in_two_processes_what_one_process_builds(tmp_path: Path)
     assert torch.get_num_threads() == cores  # restored after the tower's pretraining on its share of the cores
     one = tmp_path / "one"
     one.mkdir()
+    tower_threads, text_threads = thread_shares(cores)
     try:
-        torch.set_num_threads(max(1, cores // 2))
+        torch.set_num_threads(text_threads)
         torch.manual_seed(demo.seed)
         report = build_qwen_and_data(demo, one)
-        torch.set_num_threads(max(1, cores - max(1, cores // 2)))
+        torch.set_num_threads(tower_threads)
         torch.manual_seed(demo.seed)
         write_tiny_clip_checkpoint(one / "tiny-clip", image_size=demo.image_size, seed=demo.seed, **demo.clip)
         pretrain_clip(one / "tiny-clip", demo, log_every=1000)
@@ -230,7 +231,7 @@ def test_a_failure_in_the_second_process_is_one_error_and_leaves_no_stamp(tmp_pa
     from demo.prepare import STAMP, main
 
     work = tmp_path / "work"
-    fields = {k: v for k, v in vars(tiny_demo(work, vocab_size=200)).items()}  # too few ranks for the bytes
+    fields = dataclasses.asdict(tiny_demo(work, vocab_size=200))  # too few ranks for the bytes
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({"demo": fields}))  # JSON is YAML
     threads = torch.get_num_threads()
