@@ -54,8 +54,13 @@ SINGLE_TURN_SHARE = 0.5  # the rest: 2 to MAX_TEXT_TURNS questions
 SHORT_STEPS_SHARE = 0.5
 
 
+_LABELS = (tuple(COLOURS), tuple(SHAPES), tuple(POSITIONS))
+
+
 def random_item(rng: np.random.Generator) -> Item:
-    return Item(rng.choice(list(COLOURS)), rng.choice(list(SHAPES)), rng.choice(list(POSITIONS)))
+    """A uniformly random (colour, shape, corner): the draws of `rng.choice` on each label list (the same stream
+    and the same picks: choice draws `integers(0, len)`), without its conversion of the list to an array."""
+    return Item(*(labels[rng.integers(len(labels))] for labels in _LABELS))
 
 
 def text_conversation(rng: np.random.Generator, n_turns: int | None = None) -> list[tuple[str, str]]:
@@ -156,12 +161,12 @@ def vocab_corpus() -> str:
 def pad_batch(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids and labels (-100 on padding): the causal mask alone keeps pads out of real rows."""
     T = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), T), pad_id)
-    labels = torch.full((len(batch), T), -100)
+    input_ids = np.full((len(batch), T), pad_id, dtype=np.int64)
+    labels = np.full((len(batch), T), -100, dtype=np.int64)
     for i, (ids, lab) in enumerate(batch):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-    return input_ids, labels
+        input_ids[i, : len(ids)] = ids
+        labels[i, : len(lab)] = lab
+    return torch.from_numpy(input_ids), torch.from_numpy(labels)
 
 
 def text_batch(tokenizer, rng: np.random.Generator, batch_size: int, short: bool = False

@@ -145,6 +145,24 @@ def test_compact_text_pretraining_is_the_full_size_model(tmp_path: Path):
         text_accuracy(full, tokenizer, seed=0, n_per_kind=4)
 
 
+def test_text_batches_draw_and_pad_like_the_plain_code():
+    """The text pretraining's fast paths give what the plain code gives: `random_item` the picks (and leaves the
+    random stream where) `rng.choice` on each label list does, `pad_batch` right padding with -100 labels."""
+    from demo.pretrain import pad_batch, random_item
+    from demo.synthetic import COLOURS, POSITIONS, SHAPES, Item
+
+    for seed in range(3):
+        fast, plain = np.random.default_rng(seed), np.random.default_rng(seed)
+        for _ in range(300):
+            assert random_item(fast) == Item(plain.choice(list(COLOURS)), plain.choice(list(SHAPES)),
+                                             plain.choice(list(POSITIONS)))
+        assert fast.integers(1 << 30) == plain.integers(1 << 30)
+    input_ids, labels = pad_batch([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=0)
+    assert input_ids.dtype == labels.dtype == torch.int64
+    assert input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert labels.tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
 def test_compact_vocab_maps_ids_and_refuses_unused_ones():
     from demo.compact_vocab import CompactVocab
 
