@@ -91,22 +91,18 @@ def prepare(demo: DemoConfig, *, force: bool = False, inputs: tuple[Path, ...] =
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     mark_created(work, CREATED_BY)
-    # torch and transformers' models load only now: --help, a refused workdir and a workdir already prepared
-    # with these settings answer without those seconds of imports
+    # torch loads only now: --help, a refused workdir and a workdir already prepared with these settings answer
+    # without those seconds of imports
     import torch
 
-    from demo.pretrain import pretrain_clip
-    from visual.tiny_clip import write_tiny_clip_checkpoint
-
-    torch.manual_seed(demo.seed)
-    started = time.time()
-    write_tiny_clip_checkpoint(work / "tiny-clip", image_size=demo.image_size, seed=demo.seed, **dict(demo.clip))
     # The tiny QWen and the data are built in a second process while this one pretrains the tower: the text
     # pretraining gains little from a second thread (its matrices are small: 1.2x) and the tower's more
     # (1.5-1.7x), so one core each is sooner than both cores for one, then for the other. The thread counts
-    # are fixed by the machine's cores, never by timing, so a seed gives the same models on every run.
+    # are fixed by the machine's cores, never by timing, so a seed gives the same models on every run. It starts
+    # before this process imports transformers' models, so that both processes' imports run at once.
     cores = torch.get_num_threads()
     tower_threads, text_threads = thread_shares(cores)
+    started = time.time()
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP or torch state
     receiver, sender = context.Pipe(duplex=False)
     worker = context.Process(target=_qwen_and_data_job, args=(demo, str(work), text_threads, sender),
@@ -114,7 +110,12 @@ def prepare(demo: DemoConfig, *, force: bool = False, inputs: tuple[Path, ...] =
     worker.start()
     sender.close()  # the worker holds the only sending end: its exit without an answer reads as EOF below
     try:
+        from demo.pretrain import pretrain_clip
+        from visual.tiny_clip import write_tiny_clip_checkpoint
+
         torch.set_num_threads(tower_threads)
+        torch.manual_seed(demo.seed)
+        write_tiny_clip_checkpoint(work / "tiny-clip", image_size=demo.image_size, seed=demo.seed, **dict(demo.clip))
         report = {"seconds": {}}
         if demo.clip_pretrain_steps:
             print(f"demo: contrastive pretraining of the tiny CLIP ({demo.clip_pretrain_steps} steps)", flush=True)
