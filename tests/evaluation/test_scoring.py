@@ -62,6 +62,20 @@ def test_jieba_is_quiet_and_writes_no_cache(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_scoring_short_answers_builds_no_jieba_dictionary():
+    """Rows of short answers are scored by exact match: their summary names the Chinese tokenizer (its version)
+    but segments nothing, so jieba's dictionary (1-2 s to build) is not built; it is for Chinese captions."""
+    code = ("from evaluation.scoring import score_rows; from evaluation.text import _jieba, jieba_version\n"
+            "rows = [{'language': 'zh', 'kind': 'qa', 'prediction': '左上', 'references': ['左上'],\n"
+            "         'answer': '左上'}]\n"
+            "summary, _ = score_rows(rows)\n"
+            "print(summary['accuracy'], jieba_version() in summary['tokenizer']['zh'], _jieba.cache_info().currsize)")
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1.0 True 0\n"
+
+
 # ------------------------------------------------------------------------------------------------ short answers
 
 # (language, reference, {prediction: counts as correct})
