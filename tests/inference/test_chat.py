@@ -191,3 +191,19 @@ def test_infer_stream_prints_the_answer_of_generate_answers(answerer, tiny_bundl
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.endswith("\n") and result.stdout[:-1].strip() == expected, (result.stdout, expected)
+
+
+def test_the_allowed_token_mask_sets_minus_infinity_outside_and_keeps_every_other_score():
+    # In place on generate's per-step copy of the logits, with the mask made once per width: each step's scores
+    # are exactly the out-of-place masking's, also for a vocabulary narrower than the mask (an export's logits).
+    from inference.generation import AllowedTokens
+
+    allowed = torch.zeros(10, dtype=torch.bool)
+    allowed[[0, 3, 7]] = True
+    processor = AllowedTokens(allowed)
+    for width in (10, 8, 10):
+        scores = torch.randn(3, width)
+        expected = torch.where(allowed[:width], scores, torch.tensor(float("-inf")))
+        out = processor(torch.zeros(3, 1, dtype=torch.long), scores.clone())
+        assert torch.equal(out, expected)
+    assert len(processor._disallowed) == 2
