@@ -23,7 +23,7 @@ def require_packages(script: str, packages: tuple[str, ...] = PACKAGES, venv_pyt
             and os.path.abspath(sys.executable) != os.path.abspath(venv_python)):
         print(f"{script}: this Python ({sys.executable}) lacks {', '.join(missing)}: running with {venv_python}",
               file=sys.stderr, flush=True)
-        os.execve(venv_python, [str(venv_python), sys.argv[0], *sys.argv[1:]], {**os.environ, RERUN: "1"})
+        os.execve(venv_python, [str(venv_python), *sys.argv], {**os.environ, RERUN: "1"})
     print(f"{script}: this Python ({sys.executable}) lacks {', '.join(missing)}: activate the project's "
           "environment (. .venv/bin/activate) or install it: pip install -r requirements.txt", file=sys.stderr)
     raise SystemExit(2)
