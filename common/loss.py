@@ -76,7 +76,10 @@ def lm_logits(hidden_states: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
     if distinct is None:
         return lm_head(hidden_states)
     rows, _, inverse = distinct
-    return F.linear(hidden_states, rows).index_select(-1, inverse)
+    logits = F.linear(hidden_states, rows)
+    # gather, not index_select: the same copy, ~1/3 sooner along the last dim on CPU (its 151,936 columns are
+    # most of a decoding step's time with the demo's QWen)
+    return torch.gather(logits, -1, inverse.expand(*logits.shape[:-1], -1))
 
 
 def _losses_over_distinct_rows(picked: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,

@@ -97,9 +97,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first `cos.shape[-1]` channels of t [B, T, H, D] in fp32; the rest pass through."""
     rot_dim = cos.shape[-1]
-    t_rot, t_pass = t[..., :rot_dim].float(), t[..., rot_dim:].float()
+    t_rot = t[..., :rot_dim].float()
     t_rot = t_rot * cos + _rotate_half(t_rot) * sin
-    return torch.cat((t_rot, t_pass), dim=-1).type_as(t)
+    if rot_dim == t.shape[-1]:  # rotary_pct 1 (Qwen-7B): nothing passes, and joining an empty rest is a copy
+        return t_rot.type_as(t)
+    return torch.cat((t_rot, t[..., rot_dim:].float()), dim=-1).type_as(t)
 
 
 def logn_scale(start: int, end: int, seq_length: int, device=None) -> torch.Tensor:

@@ -332,3 +332,25 @@ def test_token_weighted_loss_across_micro_batches(ckpt):
     for rows in (slice(0, 2), slice(2, 4)):
         (model(x[rows], labels=labels[rows]).loss / 2).backward()
     assert (model.get_parameter("lm_head.weight").grad - whole["lm_head.weight"]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("rot_dim", [8, 4])
+def test_apply_rotary_rotates_the_first_channels_and_passes_the_rest(rot_dim):
+    """Each rotated pair (i, i + rot_dim/2) turns by its position's angle; channels past rot_dim (rotary_pct < 1)
+    are returned as they were. Computed channel by channel, independently of the module's tensor formula."""
+    from qwen.modeling_qwen import apply_rotary, rotary_cos_sin, rotary_inv_freq
+
+    t = torch.randn(2, 5, 3, 8, generator=torch.Generator().manual_seed(0))  # [B, T, H, D]
+    inv_freq = rotary_inv_freq(rot_dim, 10000.0, 1.0)
+    cos, sin = rotary_cos_sin(torch.arange(5), inv_freq[None])
+    out = apply_rotary(t, cos, sin)
+    half = rot_dim // 2
+    expected = t.clone()
+    for pos in range(5):
+        for i in range(half):
+            angle = pos * inv_freq[i]
+            a, b = t[:, pos, :, i], t[:, pos, :, i + half]
+            expected[:, pos, :, i] = a * torch.cos(angle) - b * torch.sin(angle)
+            expected[:, pos, :, i + half] = b * torch.cos(angle) + a * torch.sin(angle)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[..., rot_dim:], t[..., rot_dim:]) and out.shape == t.shape
