@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwen import QWenConfig, QWenLMHeadModel
+from qwen.modeling_qwen import apply_rotary, rotary_cos_sin, rotary_inv_freq
 from qwen.tiny import random_qwen_state_dict, tiny_qwen_config, write_tiny_qwen_checkpoint
 from tests.qwen.reference import reference_forward, reference_loss
 
@@ -338,8 +339,6 @@ def test_token_weighted_loss_across_micro_batches(ckpt):
 def test_apply_rotary_rotates_the_first_channels_and_passes_the_rest(rot_dim):
     """Each rotated pair (i, i + rot_dim/2) turns by its position's angle; channels past rot_dim (rotary_pct < 1)
     are returned as they were. Computed channel by channel, independently of the module's tensor formula."""
-    from qwen.modeling_qwen import apply_rotary, rotary_cos_sin, rotary_inv_freq
-
     t = torch.randn(2, 5, 3, 8, generator=torch.Generator().manual_seed(0))  # [B, T, H, D]
     inv_freq = rotary_inv_freq(rot_dim, 10000.0, 1.0)
     cos, sin = rotary_cos_sin(torch.arange(5), inv_freq[None])
